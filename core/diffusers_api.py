@@ -1,0 +1,191 @@
+"""One-call API for diffusers models.
+
+    import cachekit
+    handle = cachekit.apply_deepcache(pipe, cache_interval=3)   # a pipeline, or pipe.unet + scheduler=
+    image = pipe(prompt, num_inference_steps=50).images[0]
+    print(handle.telemetry.summary())
+    handle.remove()                                               # the model is as before
+
+The step of each model call comes from the scheduler (`scheduler.timesteps.index(t)`, as the
+official DeepCache helper does). Without a scheduler, pass `num_inference_steps`: a new step
+starts when the timestep changes, a new run when it goes up again or the steps are used up.
+A run's state is dropped when the next run starts and when the handle is removed.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import torch
+
+from .clock import StepClock, window_from_percent
+from .diffusers_adapter import UnitSlot, dit_units, is_unet, unet_units
+from .methods import DeepCacheConfig, DeepCachePolicy, ForaConfig, ForaPolicy
+from .methods.base import Policy
+from .proxy import make_proxy
+from .session import CacheSession
+from .streams import SINGLE_STREAM, first_tensor, input_signature
+from .telemetry import RunTelemetry
+from .units import UnitMap
+
+_OWNER_IDS = itertools.count()
+_HANDLE_ATTR = "_cachekit_handle"
+
+
+class CacheHandle:
+    """A method applied to one diffusers model. `remove()` restores the model exactly."""
+
+    def __init__(self, model: torch.nn.Module, units: UnitMap, slots: list[UnitSlot], policy: Policy,
+                 start_percent: float, end_percent: float, scheduler: Any = None,
+                 num_inference_steps: int | None = None):
+        if scheduler is None and num_inference_steps is None:
+            raise ValueError("Pass the pipeline (or scheduler=pipe.scheduler), or num_inference_steps, "
+                             "so CacheKit knows the step of each model call.")
+        self.model = model
+        self.units = units
+        self.policy = policy
+        self.scheduler = scheduler
+        self.num_inference_steps = num_inference_steps
+        self.start_percent, self.end_percent = start_percent, end_percent
+        self.owner = f"cachekit-diffusers-{next(_OWNER_IDS)}"
+        self.session: CacheSession | None = None
+        self.runs: list[RunTelemetry] = []       # finished runs, newest last (at most 16)
+        self._last_t: float | None = None
+        self._step = -1
+        self._slots = slots
+        self._originals = [slot.get() for slot in slots]
+        for index, (slot, module) in enumerate(zip(slots, self._originals)):
+            slot.set(make_proxy(module, self.owner, index))
+        self._hooks = [
+            model.register_forward_pre_hook(self._before_call, with_kwargs=True),
+            model.register_forward_hook(self._after_call, with_kwargs=True, always_call=True),
+        ]
+        self._scopes: list[Any] = []
+        setattr(model, _HANDLE_ATTR, self)
+
+    @property
+    def telemetry(self) -> RunTelemetry | None:
+        """The current run's telemetry, or the last finished run's."""
+        if self.session is not None:
+            return self.session.telemetry
+        return self.runs[-1] if self.runs else None
+
+    def finish_run(self) -> RunTelemetry | None:
+        """End the current run now (it also ends when the next run starts)."""
+        if self.session is None:
+            return None
+        telemetry = self.session.close()
+        self.runs = (self.runs + [telemetry])[-16:]
+        self.session = None
+        return telemetry
+
+    def remove(self) -> None:
+        self.finish_run()
+        for hook in self._hooks:
+            hook.remove()
+        for slot, module in zip(self._slots, self._originals):
+            slot.set(module)
+        if getattr(self.model, _HANDLE_ATTR, None) is self:
+            delattr(self.model, _HANDLE_ATTR)
+
+    # -- per call --
+    def _before_call(self, module, args, kwargs):
+        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        t = float(torch.as_tensor(t).flatten()[0]) if t is not None else None
+        session, sigma = self._session_for(t)
+        x = first_tensor(args) if args else first_tensor(kwargs)
+        samples = x.shape[0] if x is not None else 1
+        profile_key = (self.model, input_signature(x, SINGLE_STREAM)) if x is not None else None
+        # The forward runs between the two hooks: the pre-hook opens the call's scope and the
+        # forward hook (always_call, so also on an exception) closes it.
+        scope = session.call_scope(sigma=sigma, layout=SINGLE_STREAM, samples=samples, profile_key=profile_key)
+        scope.__enter__()
+        self._scopes.append(scope)
+        return None
+
+    def _after_call(self, module, args, kwargs, output):
+        self._scopes.pop().__exit__(None, None, None)
+        return None
+
+    def _session_for(self, t: float | None) -> tuple[CacheSession, float | None]:
+        if self.scheduler is not None:
+            timesteps = [float(v) for v in torch.as_tensor(self.scheduler.timesteps).flatten()]
+            step = _index_of(timesteps, t)
+            new_run = self.session is None or step < self._step or len(timesteps) != self.session.clock.num_steps
+            schedule = timesteps
+        else:
+            changed = t != self._last_t
+            step = self._step + 1 if changed else self._step
+            new_run = (self.session is None or (t is not None and self._last_t is not None and t > self._last_t)
+                       or step >= self.num_inference_steps)
+            if new_run:
+                step = 0
+            schedule = list(range(self.num_inference_steps, 0, -1))
+        if new_run:
+            self.finish_run()
+            num_steps = len(schedule)
+            clock = StepClock(schedule + [min(schedule) - 1.0], follow_sigma=True)
+            window = window_from_percent(num_steps, self.start_percent, self.end_percent)
+            self.session = CacheSession(self.owner, self.units, self.policy, clock, window)
+        self._step, self._last_t = step, t
+        sigma = schedule[step] if self.scheduler is None else t
+        return self.session, sigma
+
+
+def _index_of(timesteps: list[float], t: float | None) -> int:
+    if t is None:
+        raise ValueError("CacheKit could not read the timestep of a model call.")
+    best = min(range(len(timesteps)), key=lambda i: abs(timesteps[i] - t))
+    if abs(timesteps[best] - t) > 1e-3 * max(1.0, abs(t)):
+        raise ValueError(f"Timestep {t} is not in the scheduler's timesteps; call scheduler.set_timesteps "
+                         "before sampling, or pass num_inference_steps instead of the scheduler.")
+    return best
+
+
+def _resolve(target: Any, scheduler: Any) -> tuple[torch.nn.Module, Any]:
+    """Accept a pipeline (take its unet / transformer and scheduler) or a bare model."""
+    if isinstance(target, torch.nn.Module):
+        return target, scheduler
+    model = getattr(target, "unet", None) or getattr(target, "transformer", None)
+    if model is None:
+        raise ValueError("Pass a diffusers pipeline with a unet or transformer, or the model itself.")
+    return model, scheduler if scheduler is not None else getattr(target, "scheduler", None)
+
+
+def _check_free(model: torch.nn.Module) -> None:
+    if getattr(model, _HANDLE_ATTR, None) is not None:
+        raise ValueError("This model already has a CacheKit method applied; call remove() on its handle first.")
+
+
+def apply_deepcache(target: Any, *, cache_interval: int = 3, cache_branch: int = 0, schedule: str = "uniform",
+                    center: int = 15, power: float = 1.4, start_percent: float = 0.0, end_percent: float = 1.0,
+                    scheduler: Any = None, num_inference_steps: int | None = None) -> CacheHandle:
+    """DeepCache on a diffusers U-Net (UNet2DConditionModel and relatives)."""
+    model, scheduler = _resolve(target, scheduler)
+    if not is_unet(model):
+        raise ValueError(f"DeepCache needs a U-Net (down_blocks / mid_block / up_blocks); got {type(model).__name__}. "
+                         "For transformers use apply_fora.")
+    _check_free(model)
+    config = DeepCacheConfig(cache_interval, cache_branch, schedule, center, power, start_percent, end_percent)
+    units, slots, layers_per_block = unet_units(model)
+    policy = DeepCachePolicy(config, layers_per_block)
+    policy.validate(units)
+    return CacheHandle(model, units, slots, policy, start_percent, end_percent, scheduler, num_inference_steps)
+
+
+def apply_fora(target: Any, *, interval: int = 3, start_percent: float = 0.0, end_percent: float = 1.0,
+               scheduler: Any = None, num_inference_steps: int | None = None) -> CacheHandle:
+    """FORA on a diffusers DiT, PixArt, SD3 or Flux transformer."""
+    model, scheduler = _resolve(target, scheduler)
+    _check_free(model)
+    config = ForaConfig(interval, start_percent, end_percent)
+    units, slots = dit_units(model)
+    return CacheHandle(model, units, slots, ForaPolicy(config), start_percent, end_percent, scheduler, num_inference_steps)
+
+
+def remove_cache(target: Any) -> None:
+    """Remove whatever CacheKit method is applied to the model (no-op if none)."""
+    model, _ = _resolve(target, None)
+    handle = getattr(model, _HANDLE_ATTR, None)
+    if handle is not None:
+        handle.remove()

@@ -1,0 +1,131 @@
+"""DeepCache (Ma et al., 2023; horseee/DeepCache): reuse the deep part of a U-Net.
+
+Reference semantics, as the official code decides them:
+
+* full steps: `uniform` refreshes when (step - start) % interval == 0 (DeepCacheSDHelper);
+  `non-uniform` refreshes at `sample_from_quad_center(T, ceil(T / interval), center, power)`
+  (the official SD pipeline), which packs refreshes around `center`;
+* on the other steps a U-Net layer at (block, layer) - counted from the shallow end on both
+  paths, the official numbering - reuses its output when it lies below the cache branch:
+  `cache_block_id, cache_layer_id = divmod(branch, layers_per_block)`; down layers with
+  block > cache_block or (block == cache_block and layer >= cache_layer), the middle block,
+  and up layers with block > cache_block or (block == cache_block and layer > cache_layer).
+  The official code hard-codes 3 layers per block (SD's 2 res blocks + a downsampler); here it
+  is the model's `num_res_blocks + 1`, which is 3 for SD1.x, SD2.x and SDXL.
+
+Steps outside the [start_percent, end_percent) window compute everything; the window's first
+step is the schedule's step 0. Samplers with several model calls per step (heun, dpm_2) follow
+the step's decision on every call: on full steps each call computes and refreshes the cache,
+on cache steps each call reuses it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..units import UnitMap
+from .base import Plan, check_int, check_percent_range, full_plan
+
+SCHEDULES = ("uniform", "non-uniform")
+
+
+@dataclass(frozen=True)
+class DeepCacheConfig:
+    cache_interval: int = 3
+    cache_branch: int = 0
+    schedule: str = "uniform"
+    center: int = 15
+    power: float = 1.4
+    start_percent: float = 0.0
+    end_percent: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_int("cache_interval", self.cache_interval, 1, "Use 1 to disable caching, 3 is the default.")
+        check_int("cache_branch", self.cache_branch, 0, "0 keeps only the shallowest branch live.")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}.")
+        check_int("center", self.center, 0, "It is the step around which non-uniform refreshes gather.")
+        if not isinstance(self.power, (int, float)) or self.power <= 1.0:
+            raise ValueError(f"power must be a number > 1.0, got {self.power!r} (the official default range is 1.2-1.6).")
+        check_percent_range(self.start_percent, self.end_percent)
+
+
+def quad_center_steps(total: int, n_samples: int, center: int, power: float) -> list[int]:
+    """Full steps of the official non-uniform schedule (`sample_from_quad_center`).
+
+    The power is lowered in 0.02 steps until exactly n_samples distinct steps come out, as in
+    the official code. For center > 0 the lower end is a complex root whose real part is
+    taken, again as the official numpy arithmetic does.
+    """
+    pw = float(power)
+    while pw > 1:
+        low = (-center) ** (1 / pw)          # complex for center > 0, as in the original
+        high = (total - center) ** (1 / pw)
+        values = np.linspace(low, high, n_samples + 1) ** pw
+        ints = np.unique(np.real(values).astype(np.int32))
+        steps = [0] + [int(v) + center for v in ints[1:-1]]
+        if len(steps) == n_samples:
+            return steps
+        pw -= 0.02
+    raise ValueError(
+        f"The non-uniform DeepCache schedule cannot place {n_samples} full steps in {total} steps "
+        f"around center {center}. Lower center (below the number of steps), change power, "
+        "or use the uniform schedule.")
+
+
+def full_steps(config: DeepCacheConfig, window_len: int) -> set[int]:
+    """Window-relative steps that compute the whole U-Net."""
+    interval = config.cache_interval
+    if interval == 1:
+        return set(range(window_len))
+    if config.schedule == "uniform":
+        return set(range(0, window_len, interval))
+    return set(quad_center_steps(window_len, math.ceil(window_len / interval), config.center, config.power))
+
+
+def branch_position(branch: int, layers_per_block: int) -> tuple[int, int]:
+    return divmod(branch, layers_per_block)
+
+
+def is_deep(kind: str, position: tuple[int, int], cache_block: int, cache_layer: int) -> bool:
+    """True where the official helper returns the cached output on a cache step."""
+    if kind == "mid":
+        return True
+    block, layer = position
+    if block != cache_block:
+        return block > cache_block
+    return layer >= cache_layer if kind == "down" else layer > cache_layer
+
+
+def max_branch(units: UnitMap, layers_per_block: int) -> int:
+    """The deepest branch that still leaves something to reuse besides the middle block."""
+    downs = [u.position for u in units.units if u.kind == "down"]
+    return max(b * layers_per_block + l for b, l in downs)
+
+
+@dataclass(frozen=True)
+class DeepCachePolicy:
+    config: DeepCacheConfig
+    layers_per_block: int
+    name: str = "DeepCache"
+
+    def validate(self, units: UnitMap) -> None:
+        top = max_branch(units, self.layers_per_block)
+        if self.config.cache_branch > top:
+            raise ValueError(
+                f"cache_branch {self.config.cache_branch} is deeper than this U-Net allows "
+                f"(0-{top} for its {self.layers_per_block} layers per level). Lower cache_branch.")
+
+    def plan(self, units: UnitMap, num_steps: int, window: range) -> Plan:
+        plan = full_plan(units, num_steps)
+        if self.config.cache_interval == 1 or len(window) == 0:
+            return plan
+        cache_block, cache_layer = branch_position(self.config.cache_branch, self.layers_per_block)
+        deep = [is_deep(u.kind, u.position, cache_block, cache_layer) for u in units.units]
+        full = full_steps(self.config, len(window))
+        for rel, step in enumerate(window):
+            if rel not in full:
+                plan[step] = list(deep)
+        return plan

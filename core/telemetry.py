@@ -1,0 +1,106 @@
+"""What one sampling run did: a step x unit record of computed and reused samples.
+
+Counts are in batch samples (a joint cond+uncond call of batch 2 counts 2), so a run's numbers
+do not depend on whether ComfyUI batched the streams or sent them separately.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RunTelemetry:
+    method: str
+    family: str
+    unit_names: list[str]
+    unit_groups: list[str]
+    num_steps: int
+    computed: list[list[int]] = field(default_factory=list)   # [step][unit] samples
+    reused: list[list[int]] = field(default_factory=list)     # [step][unit] samples
+    skipped_steps: list[int] = field(default_factory=list)     # whole prediction reused
+    unit_flops: list[float] | None = None    # per sample, per unit (FLOP profile)
+    call_flops: float | None = None          # per sample, whole model call
+    model_calls: int = 0
+    model_call_samples: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    wall_time_s: float | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.unit_names)
+        if not self.computed:
+            self.computed = [[0] * n for _ in range(self.num_steps)]
+            self.reused = [[0] * n for _ in range(self.num_steps)]
+
+    # -- recording (hot path: keep it to list indexing) --
+    def record(self, step: int, unit: int, samples: int, reused: bool) -> None:
+        (self.reused if reused else self.computed)[step][unit] += samples
+
+    def finish(self) -> None:
+        if self.wall_time_s is None:
+            self.wall_time_s = time.perf_counter() - self.started
+
+    # -- summaries --
+    @property
+    def hit_rate(self) -> float:
+        """Reused unit samples / all unit samples."""
+        reused = sum(map(sum, self.reused))
+        total = reused + sum(map(sum, self.computed))
+        return reused / total if total else 0.0
+
+    def step_hit_rates(self) -> list[float | None]:
+        return [_ratio(r, c) for r, c in zip(self.reused, self.computed)]
+
+    def unit_hit_rates(self) -> list[float | None]:
+        return [_ratio([row[u] for row in self.reused], [row[u] for row in self.computed])
+                for u in range(len(self.unit_names))]
+
+    def executed_fraction(self) -> float | None:
+        """FLOP-weighted share of the model's work that ran (1.0 = nothing skipped).
+
+        Counts the parts outside units (embedders, input/output layers) as always executed.
+        None until a FLOP profile is known.
+        """
+        if self.unit_flops is None or not self.call_flops or not self.model_call_samples:
+            return None
+        full = self.call_flops * self.model_call_samples
+        saved = sum(f * sum(row[u] for row in self.reused) for u, f in enumerate(self.unit_flops))
+        return max(0.0, (full - saved) / full)
+
+    def ideal_speedup(self) -> float | None:
+        frac = self.executed_fraction()
+        return 1.0 / frac if frac else None
+
+    def heatmap(self) -> list[list[float | None]]:
+        """[step][unit] reuse share (None where the unit did not run at that step)."""
+        return [[_ratio([r], [c]) for r, c in zip(rr, cc)] for rr, cc in zip(self.reused, self.computed)]
+
+    def as_dict(self) -> dict:
+        return {
+            "method": self.method,
+            "family": self.family,
+            "num_steps": self.num_steps,
+            "units": self.unit_names,
+            "groups": self.unit_groups,
+            "hit_rate": self.hit_rate,
+            "step_hit_rates": self.step_hit_rates(),
+            "unit_hit_rates": self.unit_hit_rates(),
+            "heatmap": self.heatmap(),
+            "executed_fraction": self.executed_fraction(),
+            "ideal_speedup": self.ideal_speedup(),
+            "skipped_steps": list(self.skipped_steps),
+            "model_calls": self.model_calls,
+            "wall_time_s": self.wall_time_s,
+        }
+
+    def summary(self) -> str:
+        frac = self.executed_fraction()
+        work = f", work executed {frac:.0%}" if frac is not None else ""
+        wall = f", {self.wall_time_s:.2f} s" if self.wall_time_s is not None else ""
+        return (f"{self.method} on {self.family}: hit rate {self.hit_rate:.0%} over "
+                f"{self.num_steps} steps and {len(self.unit_names)} units{work}{wall}")
+
+
+def _ratio(reused, computed) -> float | None:
+    r, c = sum(reused), sum(computed)
+    return r / (r + c) if r + c else None

@@ -1,0 +1,184 @@
+"""ComfyUI host adapter: installs a method on a cloned ModelPatcher, the native way.
+
+* Units are reached through object patches (module proxies) and patches_replace["dit"]; both
+  live on the clone only and are undone by ComfyUI when another patcher takes the model.
+* An OUTER_SAMPLE wrapper opens a CacheSession for each sampling run (so a second KSampler, a
+  hires pass at another size or the next prompt starts clean) and closes it in `finally`,
+  also on interrupt or error. It follows the sampler's step reports through its callback.
+* A DIFFUSION_MODEL wrapper makes the session active for each model call with the call's
+  streams (cond_or_uncond + uuids) and sigma. Nothing is captured at node time except
+  the unit layout: the model itself is always the one ComfyUI calls.
+"""
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any, Callable
+
+import comfy.patcher_extension
+from comfy.ldm.modules.diffusionmodules.openaimodel import forward_timestep_embed
+from comfy.ldm.modules.attention import SpatialTransformer
+from comfy.patcher_extension import WrappersMP
+
+from ..core.clock import StepClock, window_steps
+from ..core.methods.base import Policy
+from ..core.proxy import make_proxy, run_links
+from ..core.session import CacheSession, active_call
+from ..core.streams import CallLayout, input_signature
+from . import history
+from .comfy_units import ComfyLayout
+
+log = logging.getLogger("CacheKit")
+SESSIONS_KEY = "cachekit_sessions"   # transformer_options[SESSIONS_KEY][owner] -> CacheSession
+
+
+# -- U-Net gates -------------------------------------------------------------------------
+class UnitGate:
+    """What a proxied U-Net block yields when forward_timestep_embed iterates it."""
+    __slots__ = ("block",)
+
+    def __init__(self, block):
+        self.block = block
+
+
+def _iter_gate(self):
+    return iter((self.__dict__["_cachekit_gate"],))
+
+
+def _gate_handler(gate, x, emb, context=None, transformer_options={}, output_shape=None, time_context=None,
+                  num_video_frames=None, image_only_indicator=None):
+    block = gate.block
+    layers = list(block._modules.values())
+    before = transformer_options.get("transformer_index")
+
+    def compute():
+        return forward_timestep_embed(layers, x, emb, context, transformer_options, output_shape,
+                                      time_context, num_video_frames, image_only_indicator)
+
+    out = run_links(block, compute, x)
+    if before is not None:
+        # A reused block did not run its transformers; keep the index where a computed one
+        # would have left it, so attention patches keyed by index still find their layer.
+        n = sum(isinstance(layer, SpatialTransformer) for layer in layers)
+        transformer_options["transformer_index"] = before + n
+    return out
+
+
+_GATE_EXTRA = {"__iter__": _iter_gate}
+
+
+def _gate_proxy(module, owner: str, index: int):
+    proxy = make_proxy(module, owner, index, extra=_GATE_EXTRA)
+    proxy.__dict__["_cachekit_gate"] = UnitGate(proxy)
+    return proxy
+
+
+# -- DiT block replace -------------------------------------------------------------------
+def _dit_replace(owner: str, index: int, previous: Callable | None) -> Callable:
+    """A patches_replace["dit"] entry that runs the block as a unit (chaining any earlier one)."""
+    def replace(args: dict, extra: dict) -> dict:
+        original = extra["original_block"]
+        compute = (lambda: previous(args, extra)) if previous is not None else (lambda: original(args))
+        call = active_call(owner)
+        if call is None:
+            return compute()
+        unit_input = {"img": args["img"]}
+        if "txt" in args:
+            unit_input["txt"] = args["txt"]
+        return call.session.run_unit(call, index, compute, unit_input)
+    return replace
+
+
+# -- wrappers ----------------------------------------------------------------------------
+def _transformer_options(args: tuple, kwargs: dict) -> dict | None:
+    options = kwargs.get("transformer_options")
+    if isinstance(options, dict):
+        return options
+    for value in reversed(args):
+        if isinstance(value, dict) and ("sigmas" in value or "cond_or_uncond" in value):
+            return value
+    return None
+
+
+def _diffusion_model_wrapper(owner: str) -> Callable:
+    def wrapper(executor, *args, **kwargs):
+        options = _transformer_options(args, kwargs)
+        session = options.get(SESSIONS_KEY, {}).get(owner) if options else None
+        if session is None:
+            return executor(*args, **kwargs)
+        x = args[0]
+        conds = options.get("cond_or_uncond") or [0]
+        uuids = options.get("uuids") or [None] * len(conds)
+        layout = CallLayout(tuple(zip(conds, uuids)))
+        sigmas = options.get("sigmas")
+        sigma = float(sigmas.flatten()[0]) if sigmas is not None else None
+        profile_key = (executor.class_obj, input_signature(x, layout))
+        return session.model_call(lambda: executor(*args, **kwargs), sigma=sigma, layout=layout,
+                                  samples=x.shape[0], profile_key=profile_key)
+    return wrapper
+
+
+def _outer_sample_wrapper(owner: str, layout: ComfyLayout, policy: Policy, start_percent: float,
+                          end_percent: float, node_id: str | None) -> Callable:
+    def wrapper(executor, *args, **kwargs):
+        guider = executor.class_obj
+        args = list(args)
+        sigmas = args[3]
+        model_sampling = guider.model_patcher.get_model_object("model_sampling")
+        window = window_steps(sigmas.tolist(), model_sampling.percent_to_sigma(start_percent),
+                              model_sampling.percent_to_sigma(end_percent))
+        session = CacheSession(owner, layout.units, policy, StepClock(sigmas.tolist()), window)
+        user_callback = args[5]
+
+        def callback(step, *rest):
+            session.step_finished(step)
+            if user_callback is not None:
+                return user_callback(step, *rest)
+
+        args[5] = callback
+        original_options = guider.model_options
+        guider.model_options = comfy.patcher_extension.copy_nested_dicts(original_options)
+        options = guider.model_options.setdefault("transformer_options", {})
+        options[SESSIONS_KEY] = {**options.get(SESSIONS_KEY, {}), owner: session}
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            guider.model_options = original_options
+            telemetry = session.close()
+            history.publish(owner, node_id, telemetry)
+            log.info("CacheKit: %s", telemetry.summary())
+    return wrapper
+
+
+def install(model, layout: ComfyLayout, policy: Policy, start_percent: float, end_percent: float,
+            node_id: str | None = None):
+    """Patch a clone of `model` (a ModelPatcher) with the method. Returns the clone."""
+    patched = model.clone()
+    owner = f"cachekit.{policy.name}.{uuid.uuid4().hex[:12]}"
+    uses_gates = False
+    for index, slot in enumerate(layout.slots):
+        if slot.how == "gate":
+            patched.add_object_patch(slot.path, _gate_proxy(patched.get_model_object(slot.path), owner, index))
+            uses_gates = True
+        elif slot.how == "proxy":
+            patched.add_object_patch(slot.path, make_proxy(patched.get_model_object(slot.path), owner, index))
+        else:
+            key, number = slot.dit_key
+            existing = (patched.model_options.get("transformer_options", {}).get("patches_replace", {})
+                        .get("dit", {}).get(slot.dit_key))
+            patched.set_model_patch_replace(_dit_replace(owner, index, existing), "dit", key, number)
+    if uses_gates and not _has_gate_patch(patched):
+        patched.set_model_patch((UnitGate, _gate_handler), "forward_timestep_embed_patch")
+    patched.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, owner,
+                                 _outer_sample_wrapper(owner, layout, policy, start_percent, end_percent, node_id))
+    patched.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, owner, _diffusion_model_wrapper(owner))
+    return patched
+
+
+def _has_gate_patch(model) -> bool:
+    patches = model.model_options.get("transformer_options", {}).get("patches", {})
+    return any(entry[0] is UnitGate for entry in patches.get("forward_timestep_embed_patch", []))
+
+
+def diffusion_model_of(model) -> Any:
+    return model.get_model_object("diffusion_model")

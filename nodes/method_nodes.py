@@ -1,0 +1,84 @@
+"""The CacheKit method nodes: take a MODEL, return a patched clone."""
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..core.methods import DeepCacheConfig, DeepCachePolicy, ForaConfig, ForaPolicy
+from ..core.methods.deepcache import SCHEDULES
+from .comfy_host import diffusion_model_of, install
+from .comfy_units import FORA_FAMILIES_TEXT, dit_layout, unet_layout
+
+CATEGORY = "CacheKit"
+
+
+def _percent_inputs(start_default: float = 0.0, end_default: float = 1.0) -> list:
+    return [
+        io.Float.Input("start_percent", default=start_default, min=0.0, max=1.0, step=0.01,
+                       tooltip="Caching starts at this fraction of the sampling (by sigma); before it every step is computed."),
+        io.Float.Input("end_percent", default=end_default, min=0.0, max=1.0, step=0.01,
+                       tooltip="Caching ends at this fraction of the sampling; after it every step is computed."),
+    ]
+
+
+class CacheKitDeepCache(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CacheKitDeepCache",
+            display_name="DeepCache (CacheKit)",
+            category=CATEGORY,
+            description=("DeepCache for U-Nets (SD1.x, SD2.x, SDXL): on cache steps only the shallow branch of the "
+                         "U-Net runs; the deep features come from the last full step."),
+            inputs=[
+                io.Model.Input("model"),
+                io.Int.Input("cache_interval", default=3, min=1, max=100,
+                             tooltip="A full U-Net step every N steps (uniform schedule). 1 disables caching."),
+                io.Int.Input("cache_branch", default=0, min=0, max=100,
+                             tooltip="Which skip branch stays live: 0 = shallowest (fastest). Same meaning as the official DeepCacheSDHelper."),
+                io.Combo.Input("schedule", options=list(SCHEDULES), default="uniform",
+                               tooltip="uniform: full step every cache_interval steps. non-uniform: the official quadratic schedule, "
+                                       "same number of full steps, packed around center."),
+                io.Int.Input("center", default=15, min=0, max=1000,
+                             tooltip="non-uniform only: the step around which full steps gather."),
+                io.Float.Input("power", default=1.4, min=1.01, max=3.0, step=0.01,
+                               tooltip="non-uniform only: how strongly full steps gather around center."),
+                *_percent_inputs(),
+            ],
+            outputs=[io.Model.Output(tooltip="The model with DeepCache.")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, model, cache_interval, cache_branch, schedule, center, power, start_percent, end_percent) -> io.NodeOutput:
+        config = DeepCacheConfig(cache_interval, cache_branch, schedule, center, power, start_percent, end_percent)
+        layout = unet_layout(diffusion_model_of(model))
+        policy = DeepCachePolicy(config, layout.layers_per_block)
+        policy.validate(layout.units)
+        return io.NodeOutput(install(model, layout, policy, start_percent, end_percent, cls.hidden.unique_id))
+
+
+class CacheKitFORA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CacheKitFORA",
+            display_name="FORA (CacheKit)",
+            category=CATEGORY,
+            description=("FORA for DiTs: every N steps compute everything; in between reuse each block's attention and "
+                         f"MLP outputs. Covers {FORA_FAMILIES_TEXT}. SD3, Flux and Chroma reuse whole-block residuals "
+                         "(their attention is joint and inline)."),
+            inputs=[
+                io.Model.Input("model"),
+                io.Int.Input("interval", default=3, min=1, max=100,
+                             tooltip="Refresh every N steps (the first and last steps are always computed). 1 disables caching."),
+                *_percent_inputs(),
+            ],
+            outputs=[io.Model.Output(tooltip="The model with FORA.")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, model, interval, start_percent, end_percent) -> io.NodeOutput:
+        config = ForaConfig(interval, start_percent, end_percent)
+        layout = dit_layout(diffusion_model_of(model))
+        return io.NodeOutput(install(model, layout, ForaPolicy(config), start_percent, end_percent, cls.hidden.unique_id))

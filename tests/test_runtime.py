@@ -1,0 +1,131 @@
+"""The runtime: step clock, per-stream store, session lifecycle and telemetry."""
+import torch
+
+from cachekit.core.clock import StepClock, window_from_percent, window_steps
+from cachekit.core.methods.base import full_plan
+from cachekit.core.session import CacheSession, active_call
+from cachekit.core.streams import CallLayout, StreamStore, input_signature
+from cachekit.core.units import StoreMode, Unit, UnitMap
+
+SIGMAS = [14.6, 7.0, 3.0, 1.0, 0.3, 0.0]
+
+
+def test_clock_counts_sampler_steps_not_model_calls():
+    # heun: per step a call at sigma_i and a corrector call at sigma_{i+1}; last step is euler.
+    clock = StepClock(SIGMAS)
+    seen = []
+    for i in range(5):
+        seen.append(clock.step_of(SIGMAS[i]))
+        if i < 4:
+            seen.append(clock.step_of(SIGMAS[i + 1]))   # corrector call, still step i
+        clock.step_finished(i)
+    assert seen == [0, 0, 1, 1, 2, 2, 3, 3, 4]
+
+
+def test_clock_follows_sigma_when_sampler_reports_nothing():
+    clock = StepClock(SIGMAS)
+    steps = [clock.step_of(s) for s in SIGMAS[:-1]]
+    # Step 1 cannot be told from a corrector call until sigma moves on: one step misattributed.
+    assert steps == [0, 0, 2, 3, 4]
+    midpoint = StepClock(SIGMAS, follow_sigma=True)
+    assert [midpoint.step_of(s) for s in (14.6, 10.0, 7.0, 5.0, 0.3)] == [0, 0, 1, 1, 4]
+
+
+def test_windows():
+    assert window_steps(SIGMAS, start_sigma=1e9, end_sigma=0.0) == range(0, 5)
+    assert window_steps(SIGMAS, start_sigma=7.0, end_sigma=0.5) == range(1, 4)
+    assert window_steps(SIGMAS, start_sigma=0.1, end_sigma=0.0) == range(0)
+    assert window_from_percent(10, 0.2, 0.8) == range(2, 8)
+
+
+def test_store_reuses_across_joint_and_split_calls():
+    store = StreamStore()
+    joint = CallLayout((("uncond", 1), ("cond", 0)))
+    x = torch.randn(4, 3, 2)
+    sig = input_signature(x, joint)
+    out = torch.randn(4, 5)
+    store.put(joint, sig, out)
+    assert store.get(joint, sig) is out                      # fast path: same layout
+    cond_only = CallLayout((("cond", 0),))
+    sig1 = input_signature(x[:2], cond_only)
+    assert torch.equal(store.get(cond_only, sig1), out[2:])
+    swapped = CallLayout((("cond", 0), ("uncond", 1)))
+    assert torch.equal(store.get(swapped, sig), torch.cat([out[2:], out[:2]]))
+    assert store.get(CallLayout((("other", 2),)), sig1) is None                  # unknown stream
+    assert store.get(cond_only, input_signature(torch.randn(2, 3, 4), cond_only)) is None   # shape
+    assert store.get(cond_only, input_signature(x[:2].double(), cond_only)) is None         # dtype
+
+
+def _session(plan_rows, mode=StoreMode.OUTPUT, protect=False):
+    units = UnitMap("toy", (Unit("u0", "g", "block", mode=mode, protect=protect),))
+
+    class Fixed:
+        name = "fixed"
+
+        def plan(self, units, num_steps, window):
+            return [list(r) for r in plan_rows]
+    return CacheSession("owner-test", units, Fixed(), StepClock(SIGMAS[:len(plan_rows) + 1]), range(len(plan_rows)))
+
+
+def _run(session, step_sigma, x, fn, layout=CallLayout(("all",))):
+    def model():
+        call = active_call("owner-test")
+        return call.session.run_unit(call, 0, lambda: fn(x), x)
+    return session.model_call(model, sigma=step_sigma, layout=layout, samples=x.shape[0])
+
+
+def test_session_reuses_on_planned_steps_and_counts():
+    session = _session([[False], [True], [True]])
+    calls = []
+
+    def fn(x):
+        calls.append(1)
+        return x * 2
+
+    x0, x1 = torch.ones(2, 3), torch.full((2, 3), 5.0)
+    assert torch.equal(_run(session, SIGMAS[0], x0, fn), x0 * 2)
+    session.step_finished(0)
+    assert torch.equal(_run(session, SIGMAS[1], x1, fn), x0 * 2)     # reused step-0 output
+    session.step_finished(1)
+    # A different shape at a reuse step recomputes instead of returning a wrong tensor.
+    x2 = torch.ones(2, 4)
+    assert torch.equal(_run(session, SIGMAS[2], x2, fn), x2 * 2)
+    assert len(calls) == 2
+    t = session.close()
+    assert t.computed == [[2], [0], [2]] and t.reused == [[0], [2], [0]]
+    assert abs(t.hit_rate - 1 / 3) < 1e-9
+    assert session._stores[0].joint is None                        # state dropped on close
+
+
+def test_residual_mode_adds_stored_residual_to_current_input():
+    session = _session([[False], [True]], mode=StoreMode.RESIDUAL)
+    _run(session, SIGMAS[0], torch.ones(1, 2), lambda x: x + 3)
+    session.step_finished(0)
+    out = _run(session, SIGMAS[1], torch.full((1, 2), 10.0), lambda x: x * 100)
+    assert torch.equal(out, torch.full((1, 2), 13.0))
+
+
+def test_protected_units_are_immune_to_in_place_edits_of_their_output():
+    session = _session([[False], [True], [True]], protect=True)
+    out0 = _run(session, SIGMAS[0], torch.ones(1, 2), lambda x: x * 1)
+    out0 += 100                                     # e.g. ComfyUI's ControlNet `h += ctrl`
+    session.step_finished(0)
+    out1 = _run(session, SIGMAS[1], torch.ones(1, 2), lambda x: x * 7)
+    assert torch.equal(out1, torch.ones(1, 2))
+    out1 += 100
+    session.step_finished(1)
+    assert torch.equal(_run(session, SIGMAS[2], torch.ones(1, 2), lambda x: x * 7), torch.ones(1, 2))
+
+
+def test_units_outside_a_session_compute_normally():
+    assert active_call("owner-test") is None
+    session = _session([[False]])
+    session.close()
+    x = torch.ones(1, 2)
+    # A closed session runs the model untouched.
+    assert torch.equal(session.model_call(lambda: x + 1, sigma=SIGMAS[0], layout=CallLayout(("all",)), samples=1), x + 1)
+
+
+def test_full_plan_shape():
+    units = UnitMap("toy", tuple(Unit(f"u{i}", "g", "k") for i in range(3)))
+    assert full_plan(units, 2) == [[False] * 3, [False] * 3]
