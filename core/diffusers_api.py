@@ -124,7 +124,7 @@ class CacheHandle:
         if new_run:
             self.finish_run()
             num_steps = len(schedule)
-            clock = StepClock(schedule + [min(schedule) - 1.0], follow_sigma=True)
+            clock = StepClock(schedule + [min(schedule) - 1.0])
             window = window_from_percent(num_steps, self.start_percent, self.end_percent)
             self.session = CacheSession(self.owner, self.units, self.policy, clock, window)
         self._step, self._last_t = step, t

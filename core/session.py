@@ -136,9 +136,6 @@ class CacheSession:
                 store.put(call.layout, signature, tree_map(torch.clone, out) if self._protect[index] else out)
         return out
 
-    def step_finished(self, index: int) -> None:
-        self.clock.step_finished(index)
-
     def close(self) -> RunTelemetry:
         """Drop every stored tensor and finish the telemetry. Safe to call twice."""
         self.closed = True

@@ -4,9 +4,10 @@
   live on the clone only and are undone by ComfyUI when another patcher takes the model.
 * An OUTER_SAMPLE wrapper opens a CacheSession for each sampling run (so a second KSampler, a
   hires pass at another size or the next prompt starts clean) and closes it in `finally`,
-  also on interrupt or error. It follows the sampler's step reports through its callback.
-* A DIFFUSION_MODEL wrapper makes the session active for each model call with the call's
-  streams (cond_or_uncond + uuids) and sigma. Nothing is captured at node time except
+  also on interrupt or error. The step of each model call comes from its sigma (core/clock.py).
+* An APPLY_MODEL wrapper (every model class goes through BaseModel.apply_model; not all
+  call DIFFUSION_MODEL wrappers) makes the session active for each model call with the
+  call's streams (cond_or_uncond + uuids) and sigma. Nothing is captured at node time except
   the unit layout: the model itself is always the one ComfyUI calls.
 """
 from __future__ import annotations
@@ -100,7 +101,7 @@ def _transformer_options(args: tuple, kwargs: dict) -> dict | None:
     return None
 
 
-def _diffusion_model_wrapper(owner: str) -> Callable:
+def _apply_model_wrapper(owner: str) -> Callable:
     def wrapper(executor, *args, **kwargs):
         options = _transformer_options(args, kwargs)
         session = options.get(SESSIONS_KEY, {}).get(owner) if options else None
@@ -112,7 +113,7 @@ def _diffusion_model_wrapper(owner: str) -> Callable:
         layout = CallLayout(tuple(zip(conds, uuids)))
         sigmas = options.get("sigmas")
         sigma = float(sigmas.flatten()[0]) if sigmas is not None else None
-        profile_key = (executor.class_obj, input_signature(x, layout))
+        profile_key = (executor.class_obj.diffusion_model, input_signature(x, layout))
         return session.model_call(lambda: executor(*args, **kwargs), sigma=sigma, layout=layout,
                                   samples=x.shape[0], profile_key=profile_key)
     return wrapper
@@ -122,20 +123,11 @@ def _outer_sample_wrapper(owner: str, layout: ComfyLayout, policy: Policy, start
                           end_percent: float, node_id: str | None) -> Callable:
     def wrapper(executor, *args, **kwargs):
         guider = executor.class_obj
-        args = list(args)
         sigmas = args[3]
         model_sampling = guider.model_patcher.get_model_object("model_sampling")
         window = window_steps(sigmas.tolist(), model_sampling.percent_to_sigma(start_percent),
                               model_sampling.percent_to_sigma(end_percent))
         session = CacheSession(owner, layout.units, policy, StepClock(sigmas.tolist()), window)
-        user_callback = args[5]
-
-        def callback(step, *rest):
-            session.step_finished(step)
-            if user_callback is not None:
-                return user_callback(step, *rest)
-
-        args[5] = callback
         original_options = guider.model_options
         guider.model_options = comfy.patcher_extension.copy_nested_dicts(original_options)
         options = guider.model_options.setdefault("transformer_options", {})
@@ -171,7 +163,7 @@ def install(model, layout: ComfyLayout, policy: Policy, start_percent: float, en
         patched.set_model_patch((UnitGate, _gate_handler), "forward_timestep_embed_patch")
     patched.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, owner,
                                  _outer_sample_wrapper(owner, layout, policy, start_percent, end_percent, node_id))
-    patched.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, owner, _diffusion_model_wrapper(owner))
+    patched.add_wrapper_with_key(WrappersMP.APPLY_MODEL, owner, _apply_model_wrapper(owner))
     return patched
 
 

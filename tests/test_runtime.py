@@ -10,25 +10,17 @@ from cachekit.core.units import StoreMode, Unit, UnitMap
 SIGMAS = [14.6, 7.0, 3.0, 1.0, 0.3, 0.0]
 
 
-def test_clock_counts_sampler_steps_not_model_calls():
-    # heun: per step a call at sigma_i and a corrector call at sigma_{i+1}; last step is euler.
+def test_clock_maps_each_call_to_the_step_of_its_sigma():
     clock = StepClock(SIGMAS)
-    seen = []
-    for i in range(5):
-        seen.append(clock.step_of(SIGMAS[i]))
-        if i < 4:
-            seen.append(clock.step_of(SIGMAS[i + 1]))   # corrector call, still step i
-        clock.step_finished(i)
-    assert seen == [0, 0, 1, 1, 2, 2, 3, 3, 4]
-
-
-def test_clock_follows_sigma_when_sampler_reports_nothing():
-    clock = StepClock(SIGMAS)
-    steps = [clock.step_of(s) for s in SIGMAS[:-1]]
-    # Step 1 cannot be told from a corrector call until sigma moves on: one step misattributed.
-    assert steps == [0, 0, 2, 3, 4]
-    midpoint = StepClock(SIGMAS, follow_sigma=True)
-    assert [midpoint.step_of(s) for s in (14.6, 10.0, 7.0, 5.0, 0.3)] == [0, 0, 1, 1, 4]
+    # heun: a call at sigma_i, a corrector at sigma_{i+1}; the last step is a single euler call.
+    calls = [SIGMAS[0]]
+    for i in range(1, 5):
+        calls += [SIGMAS[i], SIGMAS[i]]
+    assert [clock.step_of(s) for s in calls] == [0, 1, 1, 2, 2, 3, 3, 4, 4]
+    # dpm_2's midpoints belong to the step they refine; dtype round-off stays in its step.
+    assert [clock.step_of(s) for s in (10.0, 5.0, 2.0, 0.5)] == [0, 1, 2, 3]
+    assert clock.step_of(7.0 * (1 + 1e-7)) == 1 and clock.step_of(7.0 * (1 - 1e-7)) == 1
+    assert clock.step_of(100.0) == 0 and clock.step_of(0.0) == 4
 
 
 def test_windows():
@@ -84,9 +76,7 @@ def test_session_reuses_on_planned_steps_and_counts():
 
     x0, x1 = torch.ones(2, 3), torch.full((2, 3), 5.0)
     assert torch.equal(_run(session, SIGMAS[0], x0, fn), x0 * 2)
-    session.step_finished(0)
     assert torch.equal(_run(session, SIGMAS[1], x1, fn), x0 * 2)     # reused step-0 output
-    session.step_finished(1)
     # A different shape at a reuse step recomputes instead of returning a wrong tensor.
     x2 = torch.ones(2, 4)
     assert torch.equal(_run(session, SIGMAS[2], x2, fn), x2 * 2)
@@ -100,7 +90,6 @@ def test_session_reuses_on_planned_steps_and_counts():
 def test_residual_mode_adds_stored_residual_to_current_input():
     session = _session([[False], [True]], mode=StoreMode.RESIDUAL)
     _run(session, SIGMAS[0], torch.ones(1, 2), lambda x: x + 3)
-    session.step_finished(0)
     out = _run(session, SIGMAS[1], torch.full((1, 2), 10.0), lambda x: x * 100)
     assert torch.equal(out, torch.full((1, 2), 13.0))
 
@@ -109,11 +98,9 @@ def test_protected_units_are_immune_to_in_place_edits_of_their_output():
     session = _session([[False], [True], [True]], protect=True)
     out0 = _run(session, SIGMAS[0], torch.ones(1, 2), lambda x: x * 1)
     out0 += 100                                     # e.g. ComfyUI's ControlNet `h += ctrl`
-    session.step_finished(0)
     out1 = _run(session, SIGMAS[1], torch.ones(1, 2), lambda x: x * 7)
     assert torch.equal(out1, torch.ones(1, 2))
     out1 += 100
-    session.step_finished(1)
     assert torch.equal(_run(session, SIGMAS[2], torch.ones(1, 2), lambda x: x * 7), torch.ones(1, 2))
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List
+from typing import Any, Dict, List
 
 import torch
 
@@ -30,6 +30,9 @@ TOKENS = 4
 CONTEXT_DIM = 64
 POOLED_DIM = 32  # pooled text embedding width (SDXL / SD3 / Flux)
 LATENT_HW = 8    # latent spatial size (8x8 latent == 64x64 pixels)
+# PixArtMS derives its sin-cos base size as round(((H + W) // 2) / 64) * 64 // patch: a latent
+# under 33 px per side gives base size 0 and a ZeroDivisionError, so PixArt gets 40x40.
+PIXART_LATENT_HW = 40
 
 
 @dataclass
@@ -171,6 +174,8 @@ def _latent(family: str) -> Dict[str, torch.Tensor]:
         shape = (1, 16, 1, LATENT_HW, LATENT_HW)
     elif family in ("mmdit", "flux"):
         shape = (1, 16, LATENT_HW, LATENT_HW)
+    elif family == "pixart":
+        shape = (1, 4, PIXART_LATENT_HW, PIXART_LATENT_HW)
     else:
         shape = (1, 4, LATENT_HW, LATENT_HW)
     return {"samples": torch.zeros(shape)}

@@ -1,0 +1,88 @@
+"""Test-only ComfyUI nodes and an API-format graph builder for the integration tests."""
+from __future__ import annotations
+
+import itertools
+
+RESULTS: dict[str, object] = {}
+_MODELS: dict[tuple, object] = {}
+_ids = itertools.count(1)
+
+
+def tiny(family: str, seed: int = 0):
+    from .comfy_models import build
+    key = (family, seed)
+    if key not in _MODELS:
+        _MODELS[key] = build(family, seed)
+    return _MODELS[key]
+
+
+class CKTestModel:
+    """MODEL, conditioning and an empty latent of a tiny random model from ComfyUI's classes."""
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"family": ("STRING", {"default": "sd15"}), "seed": ("INT", {"default": 0}),
+                             "size": ("INT", {"default": 0, "min": 0, "max": 64})}}
+    RETURN_TYPES = ("MODEL", "CONDITIONING", "CONDITIONING", "LATENT")
+    FUNCTION = "load"
+    CATEGORY = "testing"
+
+    def load(self, family, seed, size):
+        t = tiny(family, seed)
+        latent = t.latent
+        if size:
+            import torch
+            samples = t.latent["samples"]
+            latent = {"samples": torch.zeros(*samples.shape[:-2], size, size, dtype=samples.dtype)}
+        return (t.patcher, t.positive, t.negative, latent)
+
+
+class CKTestCapture:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"samples": ("LATENT",), "key": ("STRING", {"default": "out"})}}
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+    FUNCTION = "capture"
+    CATEGORY = "testing"
+
+    def capture(self, samples, key):
+        RESULTS[key] = samples["samples"].clone()
+        return ()
+
+
+def register_test_nodes(nodes_module) -> None:
+    nodes_module.NODE_CLASS_MAPPINGS["CKTestModel"] = CKTestModel
+    nodes_module.NODE_CLASS_MAPPINGS["CKTestCapture"] = CKTestCapture
+
+
+class Graph:
+    """Build an API-format prompt: loader -> [patch nodes] -> KSampler(s) -> capture."""
+
+    def __init__(self, family: str, seed: int = 0):
+        self.prompt: dict = {}
+        self.loader = self.add("CKTestModel", family=family, seed=seed, size=0)
+        self.model = [self.loader, 0]
+
+    def add(self, class_type: str, **inputs) -> str:
+        node_id = str(len(self.prompt) + 1)
+        self.prompt[node_id] = {"class_type": class_type, "inputs": inputs}
+        return node_id
+
+    def patch(self, class_type: str, **params) -> "Graph":
+        node = self.add(class_type, model=self.model, **params)
+        self.model = [node, 0]
+        return self
+
+    def sample(self, key: str = "out", *, steps=6, cfg=2.0, sampler="euler", scheduler="normal", seed=7,
+               size: int = 0, latent_from=None) -> str:
+        latent = [self.loader, 3]
+        if size:
+            latent = [self.add("CKTestModel", family=self.prompt[self.loader]["inputs"]["family"],
+                               seed=self.prompt[self.loader]["inputs"]["seed"], size=size), 3]
+        if latent_from is not None:
+            latent = latent_from
+        ks = self.add("KSampler", model=self.model, seed=seed, steps=steps, cfg=cfg, sampler_name=sampler,
+                      scheduler=scheduler, positive=[self.loader, 1], negative=[self.loader, 2],
+                      latent_image=latent, denoise=1.0)
+        self.add("CKTestCapture", samples=[ks, 0], key=key)
+        return ks
