@@ -11,6 +11,11 @@ from .comfy_units import FORA_FAMILIES_TEXT, dit_layout, unet_layout
 CATEGORY = "CacheKit"
 
 
+def _node_id(cls) -> str | None:
+    # None when the node is executed directly from Python rather than by ComfyUI's executor.
+    return getattr(cls.hidden, "unique_id", None) if getattr(cls, "hidden", None) else None
+
+
 def _percent_inputs(start_default: float = 0.0, end_default: float = 1.0) -> list:
     return [
         io.Float.Input("start_percent", default=start_default, min=0.0, max=1.0, step=0.01,
@@ -54,7 +59,7 @@ class CacheKitDeepCache(io.ComfyNode):
         layout = unet_layout(diffusion_model_of(model))
         policy = DeepCachePolicy(config, layout.layers_per_block)
         policy.validate(layout.units)
-        return io.NodeOutput(install(model, layout, policy, start_percent, end_percent, cls.hidden.unique_id))
+        return io.NodeOutput(install(model, layout, policy, start_percent, end_percent, _node_id(cls)))
 
 
 class CacheKitFORA(io.ComfyNode):
@@ -81,4 +86,4 @@ class CacheKitFORA(io.ComfyNode):
     def execute(cls, model, interval, start_percent, end_percent) -> io.NodeOutput:
         config = ForaConfig(interval, start_percent, end_percent)
         layout = dit_layout(diffusion_model_of(model))
-        return io.NodeOutput(install(model, layout, ForaPolicy(config), start_percent, end_percent, cls.hidden.unique_id))
+        return io.NodeOutput(install(model, layout, ForaPolicy(config), start_percent, end_percent, _node_id(cls)))

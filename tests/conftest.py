@@ -3,24 +3,16 @@ its `nodes` and `core` would clash with ComfyUI's top-level modules)."""
 from __future__ import annotations
 
 import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_pack(name: str = "cachekit"):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
+_spec = importlib.util.spec_from_file_location("cachekit_pack_loader", ROOT / "scripts" / "pack.py")
+_loader = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_loader)
+load_pack = _loader.load_pack
 
 load_pack()
 torch.set_num_threads(1)

@@ -250,3 +250,51 @@ def test_stacks_with_comfyui_easycache(comfy):
     comfy.run(g.prompt)
     run = _last_run(comfy)
     assert run.hit_rate > 0 and torch.isfinite(RESULTS["easy-ck3"]).all()
+
+
+def test_weight_patches_like_lora_still_apply_through_unit_proxies(comfy):
+    """Proxies keep parameter names: a weight patch on a patched clone changes the output
+    exactly as it does on the plain model."""
+    t = tiny("sd15")
+    key = "diffusion_model.input_blocks.1.0.in_layers.2.weight"
+    weight = t.patcher.get_model_object(key)
+    delta = torch.full_like(weight, 0.05)
+
+    def sample_with(patcher, tag):
+        patcher = patcher.clone()
+        patcher.add_patches({key: (delta,)}, strength_patch=1.0)
+        nodes = comfy.nodes
+        return nodes.common_ksampler(patcher, 7, STEPS, 2.0, "euler", "normal", t.positive, t.negative,
+                                     t.latent)[0]["samples"]
+
+    plain = sample_with(t.patcher, "plain")
+    node = comfy.nodes.NODE_CLASS_MAPPINGS["CacheKitDeepCache"]
+    patched_model = node.execute(t.patcher, **{**DEEPCACHE, "cache_interval": 1}).result[0]
+    through_proxy = sample_with(patched_model, "proxy")
+    assert torch.equal(plain, through_proxy)
+    unpatched = comfy.nodes.common_ksampler(t.patcher, 7, STEPS, 2.0, "euler", "normal", t.positive, t.negative,
+                                            t.latent)[0]["samples"]
+    assert not torch.equal(plain, unpatched)    # the weight patch did something
+
+
+def test_an_error_during_sampling_closes_the_run_and_leaves_no_state(comfy, monkeypatch):
+    from comfy.ldm.modules.diffusionmodules import openaimodel
+    reference = _sample(comfy, "sd15", "err-ref", ("CacheKitDeepCache", DEEPCACHE))
+    calls = {"n": 0}
+    original = openaimodel.ResBlock.forward
+
+    def failing(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 20:      # a full run makes 28 ResBlock calls
+            raise RuntimeError("boom in the middle of sampling")
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(openaimodel.ResBlock, "forward", failing)
+    runs_before = len(comfy.pack("nodes.history").recent())
+    with pytest.raises(AssertionError, match="boom in the middle of sampling"):
+        _sample(comfy, "sd15", "err", ("CacheKitDeepCache", DEEPCACHE))
+    monkeypatch.setattr(openaimodel.ResBlock, "forward", original)
+    recent = comfy.pack("nodes.history").recent()
+    assert len(recent) == runs_before + 1 or len(recent) == 32     # the failed run was closed
+    assert comfy.pack("core.session")._ACTIVE.get() == {}
+    assert torch.equal(_sample(comfy, "sd15", "err-after", ("CacheKitDeepCache", DEEPCACHE)), reference)
