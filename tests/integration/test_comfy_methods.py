@@ -32,6 +32,14 @@ def _sample(comfy, family, key, patch=None, **kw):
     return RESULTS[key]
 
 
+def _sample_steps(comfy, family, key, patch, steps):
+    g = Graph(family)
+    g.patch(patch[0], **patch[1])
+    g.sample(key, steps=steps)
+    comfy.run(g.prompt, comfy.fresh_executor())
+    return RESULTS[key]
+
+
 def _last_run(comfy):
     return comfy.pack("nodes.history").last()
 
@@ -120,7 +128,7 @@ def test_interval_3_executes_the_scheduled_units(comfy, family, cfg, monkeypatch
     assert torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("family", ["sd15", "flux", "pixart"])
+@pytest.mark.parametrize("family", list(METHODS))
 def test_joint_and_split_cond_batches_take_the_same_decisions(comfy, family, monkeypatch):
     node, params, _ = METHODS[family]
     joint = _sample(comfy, family, f"{family}-joint", (node, params), cfg=2.5)
@@ -141,7 +149,7 @@ def test_joint_and_split_cond_batches_take_the_same_decisions(comfy, family, mon
     assert (joint - split).abs().max() <= 10 * rounding + 1e-5 * scale, ((joint - split).abs().max(), rounding, scale)
 
 
-@pytest.mark.parametrize("family", ["sd15", "mmdit", "wan"])
+@pytest.mark.parametrize("family", list(METHODS))
 def test_heun_counts_one_step_per_sampler_step(comfy, family):
     node, params, _ = METHODS[family]
     _sample(comfy, family, f"{family}-heun", (node, params), cfg=2.5, sampler="heun")
@@ -159,10 +167,10 @@ def test_heun_counts_one_step_per_sampler_step(comfy, family):
             assert sum(run.reused[step]) > 0
 
 
-@pytest.mark.parametrize("family", ["sd15", "pixart"])
+@pytest.mark.parametrize("family", list(METHODS))
 def test_two_samplers_of_different_sizes_on_one_patched_model(comfy, family):
     node, params, _ = METHODS[family]
-    small, large = (8, 12) if family == "sd15" else (40, 48)   # ComfyUI's PixArt needs >= 33 px
+    small, large = (40, 48) if family == "pixart" else (8, 12)   # ComfyUI's PixArt needs >= 33 px
     # Each alone first.
     g = Graph(family).patch(node, **params)
     g.sample(f"{family}-a-alone", steps=STEPS, size=small)
@@ -180,7 +188,7 @@ def test_two_samplers_of_different_sizes_on_one_patched_model(comfy, family):
     assert RESULTS[f"{family}-b"].shape[-1] == large
 
 
-@pytest.mark.parametrize("family", ["sd15", "flux"])
+@pytest.mark.parametrize("family", list(METHODS))
 def test_second_prompt_reuses_the_node_output_and_still_caches_correctly(comfy, family):
     node, params, _ = METHODS[family]
     # Reference: the second prompt's sampling on a freshly executed CacheKit node.
@@ -204,7 +212,7 @@ def test_second_prompt_reuses_the_node_output_and_still_caches_correctly(comfy, 
     assert second_run.reused == fresh_run.reused and second_run.hit_rate > 0
 
 
-@pytest.mark.parametrize("family", ["sd15", "mmdit"])
+@pytest.mark.parametrize("family", list(METHODS))
 def test_bypassing_the_node_gives_the_uncached_result(comfy, family):
     node, params, _ = METHODS[family]
     reference = _sample(comfy, family, f"{family}-byp-ref")
@@ -298,3 +306,42 @@ def test_an_error_during_sampling_closes_the_run_and_leaves_no_state(comfy, monk
     assert len(recent) == runs_before + 1 or len(recent) == 32     # the failed run was closed
     assert comfy.pack("core.session")._ACTIVE.get() == {}
     assert torch.equal(_sample(comfy, "sd15", "err-after", ("CacheKitDeepCache", DEEPCACHE)), reference)
+
+
+def test_non_uniform_deepcache_schedule_in_comfyui(comfy):
+    params = {**DEEPCACHE, "schedule": "non-uniform", "center": 5, "power": 1.4}
+    _sample_steps(comfy, "sd15", "nonuni", ("CacheKitDeepCache", params), steps=20)
+    run = _last_run(comfy)
+    full = [s for s in range(20) if sum(run.reused[s]) == 0]
+    assert full == [0, 3, 5, 6, 9, 12, 16]     # official sample_from_quad_center(20, 7, 5, 1.4)
+
+
+def test_impossible_non_uniform_schedule_is_refused_before_the_first_step(comfy):
+    # The official sample_from_quad_center raises for (10 steps, 5 full steps, center 5).
+    params = {**DEEPCACHE, "schedule": "non-uniform", "cache_interval": 2, "center": 5, "power": 1.4}
+    calls = []
+    from comfy.ldm.modules.diffusionmodules import openaimodel
+    original = openaimodel.ResBlock.forward
+    openaimodel.ResBlock.forward = lambda self, *a, **k: calls.append(1) or original(self, *a, **k)
+    try:
+        with pytest.raises(AssertionError, match="non-uniform DeepCache schedule cannot place 5 full steps in 10 steps"):
+            _sample_steps(comfy, "sd15", "nonuni-bad", ("CacheKitDeepCache", params), steps=10)
+    finally:
+        openaimodel.ResBlock.forward = original
+    assert calls == []      # refused before any model call
+
+
+@pytest.mark.parametrize("family", ["sd15", "flux"])
+def test_start_and_end_percent_limit_caching_to_a_sigma_window(comfy, family):
+    node, params, _ = METHODS[family]
+    _sample_steps(comfy, family, f"{family}-window", (node, {**params, "start_percent": 0.2, "end_percent": 0.7}), steps=12)
+    run = _last_run(comfy)
+    ms = tiny(family).patcher.get_model_object("model_sampling")
+    import comfy.samplers
+    sigmas = comfy.samplers.calculate_sigmas(ms, "normal", 12).tolist()
+    hi, lo = ms.percent_to_sigma(0.2), ms.percent_to_sigma(0.7)
+    window = [i for i in range(12) if lo < sigmas[i] <= hi]
+    assert window and window[0] > 0 and window[-1] < 11
+    reused_steps = [s for s in range(12) if sum(run.reused[s]) > 0]
+    assert reused_steps and set(reused_steps) <= set(window)
+    assert reused_steps[0] == window[1] if node == "CacheKitDeepCache" else True   # window step 0 is full
