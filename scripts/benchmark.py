@@ -13,8 +13,9 @@ DeepCache, a DiT for FORA), with one thread and the same seeds:
 * overhead (a): every unit through the runtime (interval 1) vs. the unpatched model;
 * overhead (b): on cache steps, the time CacheKit itself adds (everything in the runtime and
   the host hooks outside the units' own compute, timed in a separate instrumented run) vs. the
-  time of the work that still runs on those steps. For information, also the step time vs. the
-  uncached step time minus the reused units' measured time ("b_subtracted", noisier).
+  time of the work that still runs on those steps. The JSON also has "b_subtracted": the
+  cache-step time vs. the uncached step time minus the reused units' separately measured
+  times; it subtracts noisy numbers and swings by tens of percent on a shared CPU.
 
 Ratios, not absolute times, are the result: two shared cores vary +-30 % run to run.
 """
@@ -224,7 +225,7 @@ def bench_method(name, args):
 
 def to_markdown(rows):
     cols = ["method", "model", "params_M", "speedup", "ideal_speedup", "work_executed", "hit_rate", "psnr_db",
-            "overhead_a_pct", "overhead_b_pct", "b_subtracted_pct", "uncached_s"]
+            "overhead_a_pct", "overhead_b_pct", "uncached_s"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
     return "\n".join(lines)

@@ -1,0 +1,151 @@
+"""Train the bundled tiny models on CPU from procedural data (no downloads).
+
+    python scripts/train_tiny.py dit --minutes 60          # or unet, or classifier
+    python scripts/train_tiny.py dit --minutes 30 --resume  # continue from the checkpoint
+
+DDPM epsilon objective, AdamW, 10 % label dropout (the null class, for CFG), EMA weights.
+A checkpoint is written every few minutes and at the end; the final EMA weights are saved as
+fp16 safetensors next to this file, with a JSON record of the run for the model card.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from .architectures import BUILDERS, NULL_CLASS, Denoiser
+from .classifier import ShapeClassifier, accuracy
+from .sampling import TRAIN_TIMESTEPS
+from .shapes import sample_batch
+
+WEIGHTS = Path(__file__).resolve().parent / "weights"
+DEFAULTS = {  # lr, batch, EMA decay
+    "dit": (5e-4, 32, 0.999),
+    "unet": (1e-3, 32, 0.995),
+    "classifier": (2e-3, 64, None),
+}
+
+
+def save_weights(model: torch.nn.Module, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(path))
+
+
+def _checkpoint_path(kind: str, out: Path) -> Path:
+    return out / f"{kind}.ckpt.pt"
+
+
+def train(kind: str, minutes: float, *, out: Path = WEIGHTS, resume: bool = False, seed: int = 0,
+          lr: float | None = None, batch: int | None = None, checkpoint_every_min: float = 5.0) -> dict:
+    torch.set_num_threads(1)
+    d_lr, d_batch, ema_decay = DEFAULTS[kind]
+    lr, batch = lr or d_lr, batch or d_batch
+    model = ShapeClassifier() if kind == "classifier" else BUILDERS[kind]()
+    ema = copy.deepcopy(model).requires_grad_(False) if ema_decay else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed)
+    state = {"step": 0, "seconds": 0.0, "losses": []}
+    ckpt = _checkpoint_path(kind, out)
+    if resume and ckpt.exists():
+        saved = torch.load(ckpt, weights_only=True)   # our own file: tensors and numbers only
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        if ema is not None:
+            ema.load_state_dict(saved["ema"])
+        g.set_state(saved["generator"])
+        state = {"step": int(saved["step"]), "seconds": float(saved["seconds"]), "losses": list(saved["losses"])}
+    noise_scheduler = DDPMScheduler(num_train_timesteps=TRAIN_TIMESTEPS)
+    alphas = noise_scheduler.alphas_cumprod
+    denoiser = None if kind == "classifier" else Denoiser(kind, model)
+
+    def save_checkpoint():
+        out.mkdir(parents=True, exist_ok=True)
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "ema": ema.state_dict() if ema is not None else {}, "generator": g.get_state(),
+                    "step": state["step"], "seconds": state["seconds"], "losses": state["losses"]}, ckpt)
+
+    budget = minutes * 60
+    started = time.perf_counter() - state["seconds"]
+    last_ckpt = time.perf_counter()
+    window: list[float] = []
+    bar = tqdm(total=int(budget), initial=int(state["seconds"]), unit="s", desc=f"training {kind}")
+    model.train()
+    while time.perf_counter() - started < budget:
+        images, labels = sample_batch(batch, g)
+        if kind == "classifier":
+            loss = F.cross_entropy(model(images), labels)
+        else:
+            labels = torch.where(torch.rand(batch, generator=g) < 0.1, torch.full_like(labels, NULL_CLASS), labels)
+            t = torch.randint(0, TRAIN_TIMESTEPS, (batch,), generator=g)
+            noise = torch.randn(images.shape, generator=g)
+            a = alphas[t].view(-1, 1, 1, 1)
+            noisy = a.sqrt() * images + (1 - a).sqrt() * noise
+            loss = F.mse_loss(denoiser(noisy, t, labels), noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        warmup = min(1.0, (state["step"] + 1) / 200)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * warmup
+        optimizer.step()
+        if ema is not None:
+            decay = min(ema_decay, (1 + state["step"]) / (10 + state["step"]))
+            with torch.no_grad():
+                for e, p in zip(ema.parameters(), model.parameters()):
+                    e.lerp_(p, 1 - decay)
+        state["step"] += 1
+        window.append(loss.item())
+        if len(window) == 100:
+            state["losses"].append(sum(window) / len(window))
+            window.clear()
+            bar.set_postfix(step=state["step"], loss=f"{state['losses'][-1]:.4f}")
+        state["seconds"] = time.perf_counter() - started
+        bar.n = int(min(state["seconds"], budget))
+        bar.refresh()
+        if time.perf_counter() - last_ckpt > checkpoint_every_min * 60:
+            save_checkpoint()
+            last_ckpt = time.perf_counter()
+    bar.close()
+    save_checkpoint()
+    final = ema if ema is not None else model
+    final.eval()
+    save_weights(final, out / f"{kind}.safetensors")
+    record = {"kind": kind, "steps": state["step"], "train_minutes": round(state["seconds"] / 60, 1),
+              "batch": batch, "lr": lr, "ema_decay": ema_decay, "final_loss": state["losses"][-1] if state["losses"] else None,
+              "loss_per_100_steps": [round(v, 5) for v in state["losses"]],
+              "params": sum(p.numel() for p in final.parameters())}
+    if kind == "classifier":
+        eval_g = torch.Generator().manual_seed(12345)
+        images, labels = sample_batch(2048, eval_g)
+        record["heldout_accuracy"] = accuracy(final, images, labels)
+    (out / f"{kind}.train.json").write_text(json.dumps(record, indent=1))
+    return record
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Train a bundled tiny model on CPU.")
+    parser.add_argument("kind", choices=list(DEFAULTS))
+    parser.add_argument("--minutes", type=float, required=True)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--out", type=Path, default=WEIGHTS)
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--batch", type=int)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    record = train(args.kind, args.minutes, out=args.out, resume=args.resume, seed=args.seed, lr=args.lr,
+                   batch=args.batch)
+    print(json.dumps({k: v for k, v in record.items() if k != "loss_per_100_steps"}))
+
+
+if __name__ == "__main__":
+    main()
