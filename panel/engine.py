@@ -1,0 +1,130 @@
+"""What the preview panel runs, without any gradio: sample a bundled model uncached and cached.
+
+Kept separate from the UI so tests (and scripts) can call it directly and compare with what
+the panel's API returns.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..core import apply_deepcache, apply_fora
+from ..tinymodels.bundled import load
+from ..tinymodels.evaluate import to_uint8
+from ..tinymodels.sampling import make_scheduler, sample
+from ..tinymodels.shapes import CLASSES
+
+MODELS = {"dit": "Tiny DiT (FORA)", "unet": "Tiny U-Net (DeepCache)"}
+METHODS = {"dit": ("FORA",), "unet": ("DeepCache",)}
+
+
+@dataclass(frozen=True)
+class Request:
+    model: str = "unet"
+    method: str = "DeepCache"
+    interval: int = 3
+    branch: int = 0
+    class_name: str = CLASSES[0]
+    seed: int = 0
+    steps: int = 25
+    cfg: float = 3.0
+    images: int = 4
+
+    def check(self) -> None:
+        if self.model not in MODELS:
+            raise ValueError(f"Unknown model {self.model!r}; choose one of {list(MODELS)}.")
+        if self.method not in METHODS[self.model]:
+            raise ValueError(f"{self.method} does not apply to the {self.model} model; use {METHODS[self.model]}.")
+        if self.class_name not in CLASSES:
+            raise ValueError(f"Unknown class {self.class_name!r}; choose one of {list(CLASSES)}.")
+        if not 1 <= self.images <= 16:
+            raise ValueError("images must be between 1 and 16.")
+        if not 2 <= self.steps <= 200:
+            raise ValueError("steps must be between 2 and 200.")
+
+
+@dataclass
+class Result:
+    uncached: np.ndarray            # [N, 32, 32, 3] uint8
+    cached: np.ndarray
+    uncached_s: float
+    cached_s: float
+    psnr_db: float
+    telemetry: dict = field(default_factory=dict)
+
+    @property
+    def speedup(self) -> float:
+        return self.uncached_s / self.cached_s if self.cached_s else float("nan")
+
+
+_MODELS: dict = {}
+
+
+def model(kind: str):
+    if kind not in _MODELS:
+        denoiser = load(kind)
+        # One short warm-up sampling: the first calls pay one-time costs that would otherwise
+        # be charged to whichever run comes first and skew the measured speedup.
+        sample(denoiser, torch.zeros(1, dtype=torch.long), steps=2)
+        _MODELS[kind] = denoiser
+    return _MODELS[kind]
+
+
+def psnr(reference: torch.Tensor, test: torch.Tensor) -> float:
+    """PSNR of images in [-1, 1] (peak-to-peak 2)."""
+    mse = torch.mean((reference - test) ** 2).item()
+    return float("inf") if mse == 0 else 10 * float(np.log10(4.0 / mse))
+
+
+def run(request: Request, progress: bool = True) -> Result:
+    request.check()
+    denoiser = model(request.model)
+    labels = torch.full((request.images,), CLASSES.index(request.class_name))
+    scheduler = make_scheduler(request.steps)
+    start = time.perf_counter()
+    reference = sample(denoiser, labels, steps=request.steps, cfg=request.cfg, seed=request.seed,
+                       scheduler=scheduler, progress=progress)
+    uncached_s = time.perf_counter() - start
+    if request.method == "DeepCache":
+        handle = apply_deepcache(denoiser.network, cache_interval=request.interval, cache_branch=request.branch,
+                                 scheduler=scheduler)
+    else:
+        handle = apply_fora(denoiser.network, interval=request.interval, scheduler=scheduler)
+    try:
+        start = time.perf_counter()
+        cached = sample(denoiser, labels, steps=request.steps, cfg=request.cfg, seed=request.seed,
+                        scheduler=scheduler, progress=progress)
+        cached_s = time.perf_counter() - start
+        telemetry = handle.finish_run()
+    finally:
+        handle.remove()
+    return Result(to_uint8(reference), to_uint8(cached), uncached_s, cached_s, psnr(reference, cached),
+                  telemetry.as_dict())
+
+
+def block_heatmap(telemetry: dict) -> tuple[list[str], np.ndarray]:
+    """[steps, blocks] share of reuse, averaging the units of each block (NaN where none ran)."""
+    groups: list[str] = []
+    for g in telemetry["groups"]:
+        if g not in groups:
+            groups.append(g)
+    heat = np.full((telemetry["num_steps"], len(groups)), np.nan)
+    for s, row in enumerate(telemetry["heatmap"]):
+        for j, g in enumerate(groups):
+            values = [v for v, name in zip(row, telemetry["groups"]) if name == g and v is not None]
+            if values:
+                heat[s, j] = float(np.mean(values))
+    return groups, heat
+
+
+def heatmap_image(heat: np.ndarray, cell: int = 14) -> np.ndarray:
+    """RGB picture of a [steps, blocks] reuse map: dark = computed, bright = reused, grey = idle."""
+    computed, reused, idle = np.array([40, 44, 60]), np.array([80, 220, 140]), np.array([128, 128, 128])
+    share = np.nan_to_num(heat, nan=0.0)[..., None]
+    rgb = computed * (1 - share) + reused * share
+    rgb[np.isnan(heat)] = idle
+    rgb = rgb.transpose(1, 0, 2)               # rows = blocks, columns = steps
+    return np.kron(rgb, np.ones((cell, cell, 1))).astype(np.uint8)
