@@ -5,3 +5,6 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install -q "torch==2.13.0"
 fi
 "$PY" -m pip install -q -r requirements-dev.txt
+# The official DeepCache package, for the benchmark and the equivalence test. Without its
+# dependencies: only its helper is used, and it would pull transformers.
+"$PY" -m pip install -q --no-deps "DeepCache==0.1.1"

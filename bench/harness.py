@@ -1,0 +1,175 @@
+"""Benchmark harness: CacheKit and its peers on the bundled tiny models, same seeds.
+
+    python scripts/bench_peers.py [--models dit unet] [--steps 25] [--images 12] [--repeats 3] [--out bench_out]
+
+Per method and setting: measured wall speedup (cached and uncached runs alternate, median of
+the per-round ratios), FLOPs executed vs. uncached (torch FlopCounterMode over the whole
+sampling, the same measure for every method), PSNR and SSIM of the images vs. uncached,
+class accuracy by the bundled classifier, and peak memory above the idle process. Writes
+`peers.md`, `peers.json` and `peers.png` (speedup vs. PSNR).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from tqdm import tqdm
+
+from ..tinymodels.architectures import Denoiser
+from ..tinymodels.bundled import load, load_classifier
+from ..tinymodels.sampling import make_scheduler, sample
+from ..tinymodels.shapes import NUM_CLASSES
+from .methods import Method, Setup, all_methods
+from .plot import scatter
+
+
+class _Wrapped(Denoiser):
+    """A denoiser whose every call runs inside a setup's context (e.g. a diffusers cache context)."""
+
+    def __init__(self, inner: Denoiser, wrap):
+        super().__init__(inner.kind, inner.model)
+        self._inner, self._wrap = inner, wrap
+
+    def __call__(self, x, t, labels):
+        return self._wrap(lambda: self._inner(x, t, labels))
+
+
+def _run(setup: Setup | None, base: Denoiser, labels, steps, cfg, seed) -> torch.Tensor:
+    if setup is None:
+        return sample(base, labels, steps=steps, cfg=cfg, seed=seed, scheduler=make_scheduler(steps))
+    denoiser = _Wrapped(setup.denoiser, setup.wrap_call) if setup.wrap_call else setup.denoiser
+    return sample(denoiser, labels, steps=steps, cfg=cfg, seed=seed, scheduler=setup.scheduler, on_step=setup.on_step)
+
+
+def _install(method: Method, base: Denoiser, steps: int) -> Setup:
+    scheduler = make_scheduler(steps)
+    setup = method.install(base, scheduler, steps)
+    setup.scheduler = scheduler
+    return setup
+
+
+def psnr(reference: torch.Tensor, test: torch.Tensor) -> float:
+    mse = torch.mean(((reference - test) / 2) ** 2).item()       # images in [-1, 1] -> [0, 1]
+    return float("inf") if mse == 0 else 10 * float(np.log10(1.0 / mse))
+
+
+def ssim(reference: torch.Tensor, test: torch.Tensor, window: int = 7, sigma: float = 1.5) -> float:
+    """Mean SSIM (Wang et al. 2004) over images and channels, Gaussian window, data in [0, 1]."""
+    x, y = (reference.double() + 1) / 2, (test.double() + 1) / 2
+    coords = torch.arange(window, dtype=torch.float64) - window // 2
+    g = torch.exp(-coords ** 2 / (2 * sigma ** 2))
+    kernel = (g[:, None] * g[None, :] / g.sum() ** 2).expand(x.shape[1], 1, window, window)
+    blur = lambda z: torch.nn.functional.conv2d(z, kernel, groups=x.shape[1])
+    mx, my = blur(x), blur(y)
+    sxx, syy, sxy = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    value = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (sxx + syy + c2))
+    return value.mean().item()
+
+
+def _rss_mib(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _peak_memory(run) -> float:
+    """Peak resident memory of `run()` above the resident memory before it (MiB; Linux)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")    # resets the peak (VmHWM)
+    except OSError:
+        return float("nan")
+    before = _rss_mib("VmRSS")
+    run()
+    return _rss_mib("VmHWM") - before
+
+
+def _flops(run) -> float:
+    with FlopCounterMode(display=False) as counter:
+        run()
+    return float(counter.get_total_flops())
+
+
+def bench_model(kind: str, methods: list[Method], *, steps: int, images: int, cfg: float, repeats: int,
+                seed: int = 0) -> list[dict]:
+    base, classifier = load(kind), load_classifier()
+    labels = torch.arange(images) % NUM_CLASSES
+    run_plain = lambda: _run(None, base, labels, steps, cfg, seed)
+    run_plain()                                              # warm-up
+    reference = run_plain()
+    with torch.no_grad():
+        reference_accuracy = (classifier(reference).argmax(1) == labels).float().mean().item()
+    plain_flops = _flops(run_plain)
+    plain_memory = _peak_memory(run_plain)
+    rows = [{"model": kind, "method": "uncached", "setting": "-", "origin": "-", "speedup": 1.0, "flops_executed": 1.0,
+             "psnr_db": float("inf"), "ssim": 1.0, "accuracy": reference_accuracy, "peak_mem_mib": round(plain_memory, 1),
+             "hit_rate": None}]
+    for method in tqdm([m for m in methods if kind in m.models], desc=f"methods on {kind}", unit="method"):
+        ratios, output, telemetry = [], None, None
+        for r in range(repeats):
+            setup = _install(method, base, steps)
+            order = ("plain", "cached") if r % 2 == 0 else ("cached", "plain")
+            times = {}
+            for which in order:
+                start = time.perf_counter()
+                out = run_plain() if which == "plain" else _run(setup, base, labels, steps, cfg, seed)
+                times[which] = time.perf_counter() - start
+                if which == "cached":
+                    output = out
+            telemetry = setup.finish()
+            ratios.append(times["plain"] / times["cached"])
+        setup = _install(method, base, steps)
+        flops = _flops(lambda: _run(setup, base, labels, steps, cfg, seed))
+        setup.finish()
+        setup = _install(method, base, steps)
+        memory = _peak_memory(lambda: _run(setup, base, labels, steps, cfg, seed))
+        setup.finish()
+        with torch.no_grad():
+            accuracy = (classifier(output).argmax(1) == labels).float().mean().item()
+        rows.append({
+            "model": kind, "method": method.name, "setting": method.setting, "origin": method.origin,
+            "speedup": round(statistics.median(ratios), 3), "flops_executed": round(flops / plain_flops, 3),
+            "psnr_db": round(psnr(reference, output), 2), "ssim": round(ssim(reference, output), 4),
+            "accuracy": round(accuracy, 3), "peak_mem_mib": round(memory, 1),
+            "hit_rate": round(telemetry.hit_rate, 3) if telemetry is not None and hasattr(telemetry, "hit_rate") else None,
+        })
+    return rows
+
+
+def to_markdown(rows: list[dict]) -> str:
+    cols = ["model", "origin", "method", "setting", "speedup", "flops_executed", "psnr_db", "ssim", "accuracy",
+            "peak_mem_mib", "hit_rate"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join("-" if r[c] is None else str(r[c]) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Benchmark CacheKit and peers on the bundled tiny models.")
+    parser.add_argument("--models", nargs="*", default=["dit", "unet"])
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--images", type=int, default=12)
+    parser.add_argument("--cfg", type=float, default=3.0)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", nargs="*", help="method names to run (default: all)")
+    parser.add_argument("--out", type=Path, default=Path("bench_out"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    methods = [m for m in all_methods() if not args.only or m.name in args.only]
+    rows = []
+    for kind in args.models:
+        rows += bench_model(kind, methods, steps=args.steps, images=args.images, cfg=args.cfg, repeats=args.repeats)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "peers.json").write_text(json.dumps(rows, indent=1))
+    table = to_markdown(rows)
+    (args.out / "peers.md").write_text(table + "\n")
+    scatter([r for r in rows if r["method"] != "uncached"], args.out / "peers.png")
+    print(table)

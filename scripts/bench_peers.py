@@ -1,0 +1,12 @@
+"""Benchmark CacheKit and its peers on the bundled tiny models (see bench/harness.py)."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pack import load_pack  # noqa: E402
+
+load_pack()
+from cachekit.bench.harness import main  # noqa: E402
+
+if __name__ == "__main__":
+    main()
