@@ -25,7 +25,7 @@ from ..tinymodels.architectures import Denoiser
 from ..tinymodels.bundled import load, load_classifier
 from ..tinymodels.sampling import make_scheduler, sample
 from ..tinymodels.shapes import NUM_CLASSES
-from .methods import Method, Setup, all_methods
+from .methods import Method, Setup, all_methods, calibrate_magcache, diffusers_magcache
 from .plot import scatter
 
 
@@ -108,6 +108,12 @@ def bench_model(kind: str, methods: list[Method], *, steps: int, images: int, cf
         reference_accuracy = (classifier(reference).argmax(1) == labels).float().mean().item()
     plain_flops = _flops(run_plain)
     plain_memory = _peak_memory(run_plain)
+    if kind == "dit" and any(m.name == "MagCache" for m in methods):
+        def calibration_run(method):
+            setup = _install(method, base, steps)
+            _run(setup, base, labels, steps, cfg, seed)
+        ratios = {steps: calibrate_magcache(base, steps, calibration_run)}
+        methods = [m for m in methods if m.name != "MagCache"] + [diffusers_magcache(t, ratios) for t in (0.06, 0.12)]
     rows = [{"model": kind, "method": "uncached", "setting": "-", "origin": "-", "speedup": 1.0, "flops_executed": 1.0,
              "psnr_db": float("inf"), "ssim": 1.0, "accuracy": reference_accuracy, "peak_mem_mib": round(plain_memory, 1),
              "hit_rate": None}]
@@ -163,7 +169,7 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=Path("bench_out"))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    methods = [m for m in all_methods() if not args.only or m.name in args.only]
+    methods = [m for m in all_methods(magcache_ratios={}) if not args.only or m.name in args.only]
     rows = []
     for kind in args.models:
         rows += bench_model(kind, methods, steps=args.steps, images=args.images, cfg=args.cfg, repeats=args.repeats)

@@ -144,7 +144,11 @@ def diffusers_fastercache(skip: int) -> Method:
 def diffusers_taylorseer(interval: int) -> Method:
     from diffusers.hooks import TaylorSeerCacheConfig, apply_taylorseer_cache
     return _diffusers_hook("TaylorSeer", f"N={interval}", ("dit",), lambda net, clock, steps: apply_taylorseer_cache(
-        net, TaylorSeerCacheConfig(cache_interval=interval, disable_cache_before_step=1, taylor_factors_dtype=None)))
+        # Its default patterns end in "attn" and miss the DiT's "attn1": name the same
+        # sub-layers FORA caches.
+        net, TaylorSeerCacheConfig(cache_interval=interval, disable_cache_before_step=1, taylor_factors_dtype=None,
+                                   cache_identifiers=[r"^transformer_blocks\.\d+\.(attn1|ff)$"])),
+        needs_context=True)
 
 
 def diffusers_magcache(threshold: float, ratios: dict) -> Method:
@@ -153,6 +157,24 @@ def diffusers_magcache(threshold: float, ratios: dict) -> Method:
     return _diffusers_hook("MagCache", f"threshold={threshold}", ("dit",), lambda net, clock, steps: apply_mag_cache(
         net, MagCacheConfig(threshold=threshold, num_inference_steps=steps, mag_ratios=ratios[steps])),
         needs_context=True)
+
+
+def calibrate_magcache(denoiser: Denoiser, steps: int, run) -> list[float]:
+    """MagCache's own calibration run: its hook prints the per-step magnitude ratios at the end."""
+    import contextlib
+    import io
+    import json
+    import re
+    from diffusers.hooks import MagCacheConfig, apply_mag_cache
+    method = _diffusers_hook("MagCache", "calibration", ("dit",), lambda net, clock, n: apply_mag_cache(
+        net, MagCacheConfig(calibrate=True, num_inference_steps=n)), needs_context=True)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        run(method)
+    found = re.search(r"Calibration Complete.*?\n(\[.*?\])", printed.getvalue(), re.S)
+    if not found:
+        raise RuntimeError("MagCache calibration printed no ratios")
+    return json.loads(found.group(1))
 
 
 def all_methods(magcache_ratios: dict | None = None) -> list[Method]:
