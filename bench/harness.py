@@ -16,7 +16,6 @@ import statistics
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
@@ -24,6 +23,7 @@ from tqdm import tqdm
 from ..tinymodels.architectures import Denoiser
 from ..tinymodels.bundled import load, load_classifier
 from ..tinymodels.sampling import make_scheduler, sample
+from ..tinymodels.metrics import psnr, ssim
 from ..tinymodels.shapes import NUM_CLASSES
 from .methods import Method, Setup, all_methods, calibrate_magcache, diffusers_magcache
 from .plot import scatter
@@ -52,25 +52,6 @@ def _install(method: Method, base: Denoiser, steps: int) -> Setup:
     setup = method.install(base, scheduler, steps)
     setup.scheduler = scheduler
     return setup
-
-
-def psnr(reference: torch.Tensor, test: torch.Tensor) -> float:
-    mse = torch.mean(((reference - test) / 2) ** 2).item()       # images in [-1, 1] -> [0, 1]
-    return float("inf") if mse == 0 else 10 * float(np.log10(1.0 / mse))
-
-
-def ssim(reference: torch.Tensor, test: torch.Tensor, window: int = 7, sigma: float = 1.5) -> float:
-    """Mean SSIM (Wang et al. 2004) over images and channels, Gaussian window, data in [0, 1]."""
-    x, y = (reference.double() + 1) / 2, (test.double() + 1) / 2
-    coords = torch.arange(window, dtype=torch.float64) - window // 2
-    g = torch.exp(-coords ** 2 / (2 * sigma ** 2))
-    kernel = (g[:, None] * g[None, :] / g.sum() ** 2).expand(x.shape[1], 1, window, window)
-    blur = lambda z: torch.nn.functional.conv2d(z, kernel, groups=x.shape[1])
-    mx, my = blur(x), blur(y)
-    sxx, syy, sxy = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
-    c1, c2 = 0.01 ** 2, 0.03 ** 2
-    value = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (sxx + syy + c2))
-    return value.mean().item()
 
 
 def _rss_mib(field: str) -> float:

@@ -14,6 +14,7 @@ import torch
 from ..core import apply_deepcache, apply_fora
 from ..tinymodels.bundled import load
 from ..tinymodels.evaluate import to_uint8
+from ..tinymodels.metrics import psnr
 from ..tinymodels.sampling import make_scheduler, sample
 from ..tinymodels.shapes import CLASSES
 
@@ -71,12 +72,6 @@ def model(kind: str):
         sample(denoiser, torch.zeros(1, dtype=torch.long), steps=2)
         _MODELS[kind] = denoiser
     return _MODELS[kind]
-
-
-def psnr(reference: torch.Tensor, test: torch.Tensor) -> float:
-    """PSNR of images in [-1, 1] (peak-to-peak 2)."""
-    mse = torch.mean((reference - test) ** 2).item()
-    return float("inf") if mse == 0 else 10 * float(np.log10(4.0 / mse))
 
 
 def run(request: Request, progress: bool = True) -> Result:

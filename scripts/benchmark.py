@@ -37,6 +37,7 @@ from pack import load_pack  # noqa: E402
 ck = load_pack()
 from cachekit.core.diffusers_api import CacheHandle  # noqa: E402
 from cachekit.core.session import CacheSession  # noqa: E402
+from cachekit.tinymodels.metrics import psnr as image_psnr  # noqa: E402
 
 
 def bench_unet():
@@ -92,9 +93,8 @@ class Sampler:
 
 
 def psnr(ref: torch.Tensor, test: torch.Tensor) -> float:
-    mse = torch.mean((ref - test) ** 2).item()
-    peak = (ref.max() - ref.min()).item()
-    return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(peak ** 2 / mse)).item()
+    """PSNR of latents, with the reference's value range as the peak."""
+    return image_psnr(ref, test, data_range=(ref.max() - ref.min()).item())
 
 
 def unit_times(model, sampler, apply, units_holder):

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from cachekit.bench import harness
+from cachekit.tinymodels import metrics
 from cachekit.bench.methods import cachekit_deepcache, cachekit_fora, official_deepcache
 from cachekit.tinymodels.bundled import load
 from cachekit.tinymodels.sampling import make_scheduler, sample
@@ -10,11 +11,12 @@ from cachekit.tinymodels.sampling import make_scheduler, sample
 
 def test_psnr_and_ssim():
     x = torch.rand(2, 3, 32, 32) * 2 - 1
-    assert harness.psnr(x, x) == float("inf")
-    assert harness.psnr(x, x + 0.02) == pytest.approx(40.0, abs=0.01)    # 0.01 RMS in [0, 1] units
-    assert harness.ssim(x, x) == pytest.approx(1.0)
+    assert metrics.psnr(x, x) == float("inf")
+    assert metrics.psnr(x, x + 0.02) == pytest.approx(40.0, abs=0.01)    # 0.01 RMS in [0, 1] units
+    assert metrics.psnr(x, x + 0.02, data_range=0.2) == pytest.approx(20.0, abs=0.01)
+    assert metrics.ssim(x, x) == pytest.approx(1.0)
     slightly, badly = x + 0.05 * torch.randn_like(x), x + 0.5 * torch.randn_like(x)
-    assert 1.0 > harness.ssim(x, slightly) > harness.ssim(x, badly)
+    assert 1.0 > metrics.ssim(x, slightly) > metrics.ssim(x, badly)
 
 
 def test_tiny_benchmark_run_reports_every_metric():
