@@ -1,7 +1,8 @@
 """Train the bundled tiny models on CPU from procedural data (no downloads).
 
     python scripts/train_tiny.py dit --minutes 60          # or unet, or classifier
-    python scripts/train_tiny.py dit --minutes 30 --resume  # continue from the checkpoint
+    python scripts/train_tiny.py dit --minutes 30 --resume  # 30 more minutes, from the checkpoint
+                                                            # (or the shipped weights where none)
 
 DDPM epsilon objective, AdamW, 10 % label dropout (the null class, for CFG), EMA weights.
 A checkpoint is written every few minutes and at the end; the final EMA weights are saved as
@@ -64,6 +65,21 @@ def train(kind: str, minutes: float, *, out: Path = WEIGHTS, resume: bool = Fals
             ema.load_state_dict(saved["ema"])
         g.set_state(saved["generator"])
         state = {"step": int(saved["step"]), "seconds": float(saved["seconds"]), "losses": list(saved["losses"])}
+    elif resume and (out / f"{kind}.safetensors").exists():
+        # No checkpoint on this machine (checkpoints are not committed): continue from the
+        # shipped EMA weights. The optimizer restarts; its warm-up keeps the first steps gentle.
+        from safetensors.torch import load_file
+        weights = {k: v.float() for k, v in load_file(str(out / f"{kind}.safetensors")).items()}
+        model.load_state_dict(weights)
+        if ema is not None:
+            ema.load_state_dict(weights)
+        record_file = out / f"{kind}.train.json"
+        if record_file.exists():
+            old = json.loads(record_file.read_text())
+            state = {"step": old["steps"], "seconds": old["train_minutes"] * 60,
+                     "losses": list(old.get("loss_per_100_steps", []))}
+        # A new random stream: the shipped weights saw the seeded one up to here.
+        g.manual_seed(seed + state["step"])
     noise_scheduler = DDPMScheduler(num_train_timesteps=TRAIN_TIMESTEPS)
     alphas = noise_scheduler.alphas_cumprod
     denoiser = None if kind == "classifier" else Denoiser(kind, model)
@@ -74,7 +90,8 @@ def train(kind: str, minutes: float, *, out: Path = WEIGHTS, resume: bool = Fals
                     "ema": ema.state_dict() if ema is not None else {}, "generator": g.get_state(),
                     "step": state["step"], "seconds": state["seconds"], "losses": state["losses"]}, ckpt)
 
-    budget = minutes * 60
+    start_step = state["step"]
+    budget = state["seconds"] + minutes * 60       # --minutes is this run's share
     started = time.perf_counter() - state["seconds"]
     last_ckpt = time.perf_counter()
     window: list[float] = []
@@ -94,7 +111,7 @@ def train(kind: str, minutes: float, *, out: Path = WEIGHTS, resume: bool = Fals
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        warmup = min(1.0, (state["step"] + 1) / 200)
+        warmup = min(1.0, (state["step"] - start_step + 1) / 200)
         for group in optimizer.param_groups:
             group["lr"] = lr * warmup
         optimizer.step()
