@@ -22,20 +22,12 @@ STEPS = 6
 FULL_STEPS = {"CacheKitDeepCache": {0, 3}, "CacheKitFORA": {0, 2, 5}}
 
 
-def _sample(comfy, family, key, patch=None, **kw):
+def _sample(comfy, family, key, patch=None, steps=STEPS, **kw):
     """Run loader -> [patch] -> KSampler on a fresh executor (no node outputs cached)."""
     g = Graph(family)
     if patch is not None:
         g.patch(patch[0], **patch[1])
-    g.sample(key, steps=STEPS, **kw)
-    comfy.run(g.prompt, comfy.fresh_executor())
-    return RESULTS[key]
-
-
-def _sample_steps(comfy, family, key, patch, steps):
-    g = Graph(family)
-    g.patch(patch[0], **patch[1])
-    g.sample(key, steps=steps)
+    g.sample(key, steps=steps, **kw)
     comfy.run(g.prompt, comfy.fresh_executor())
     return RESULTS[key]
 
@@ -310,7 +302,7 @@ def test_an_error_during_sampling_closes_the_run_and_leaves_no_state(comfy, monk
 
 def test_non_uniform_deepcache_schedule_in_comfyui(comfy):
     params = {**DEEPCACHE, "schedule": "non-uniform", "center": 5, "power": 1.4}
-    _sample_steps(comfy, "sd15", "nonuni", ("CacheKitDeepCache", params), steps=20)
+    _sample(comfy, "sd15", "nonuni", ("CacheKitDeepCache", params), steps=20)
     run = _last_run(comfy)
     full = [s for s in range(20) if sum(run.reused[s]) == 0]
     assert full == [0, 3, 5, 6, 9, 12, 16]     # official sample_from_quad_center(20, 7, 5, 1.4)
@@ -325,7 +317,7 @@ def test_impossible_non_uniform_schedule_is_refused_before_the_first_step(comfy)
     openaimodel.ResBlock.forward = lambda self, *a, **k: calls.append(1) or original(self, *a, **k)
     try:
         with pytest.raises(AssertionError, match="non-uniform DeepCache schedule cannot place 5 full steps in 10 steps"):
-            _sample_steps(comfy, "sd15", "nonuni-bad", ("CacheKitDeepCache", params), steps=10)
+            _sample(comfy, "sd15", "nonuni-bad", ("CacheKitDeepCache", params), steps=10)
     finally:
         openaimodel.ResBlock.forward = original
     assert calls == []      # refused before any model call
@@ -334,7 +326,7 @@ def test_impossible_non_uniform_schedule_is_refused_before_the_first_step(comfy)
 @pytest.mark.parametrize("family", ["sd15", "flux"])
 def test_start_and_end_percent_limit_caching_to_a_sigma_window(comfy, family):
     node, params, _ = METHODS[family]
-    _sample_steps(comfy, family, f"{family}-window", (node, {**params, "start_percent": 0.2, "end_percent": 0.7}), steps=12)
+    _sample(comfy, family, f"{family}-window", (node, {**params, "start_percent": 0.2, "end_percent": 0.7}), steps=12)
     run = _last_run(comfy)
     ms = tiny(family).patcher.get_model_object("model_sampling")
     import comfy.samplers
