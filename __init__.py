@@ -1,11 +1,11 @@
 """CacheKit: faster diffusion sampling by reusing what barely changes between steps.
 
 ComfyUI loads this folder as a custom node pack (V3 entry point below). The same engine is
-usable on diffusers models: `apply_deepcache`, `apply_fora`, `remove_cache`.
+usable on diffusers models: `apply_deepcache`, `apply_fora`, `apply_adaptive_skip`, `remove_cache`.
 Only relative imports here: ComfyUI has top-level modules named `nodes`, and this pack must
 never shadow them.
 """
-from .core import CacheHandle, apply_deepcache, apply_fora, remove_cache
+from .core import CacheHandle, StepSkipHandle, apply_adaptive_skip, apply_deepcache, apply_fora, remove_cache
 
 WEB_DIRECTORY = "./web"
 __version__ = "0.1.0"
@@ -16,4 +16,4 @@ async def comfy_entrypoint():
     return CacheKitExtension()
 
 
-__all__ = ["CacheHandle", "apply_deepcache", "apply_fora", "remove_cache", "comfy_entrypoint", "WEB_DIRECTORY"]
+__all__ = ["CacheHandle", "StepSkipHandle", "apply_deepcache", "apply_fora", "apply_adaptive_skip", "remove_cache", "comfy_entrypoint", "WEB_DIRECTORY"]

@@ -30,6 +30,7 @@ from .units import UnitMap
 
 _OWNER_IDS = itertools.count()
 _HANDLE_ATTR = "_cachekit_handle"
+STEP_SKIP_ATTR = "_cachekit_step_skip"   # a step-skip handle may sit on top of a unit cache
 
 
 class CacheHandle:
@@ -38,9 +39,6 @@ class CacheHandle:
     def __init__(self, model: torch.nn.Module, units: UnitMap, slots: list[UnitSlot], policy: Policy,
                  start_percent: float, end_percent: float, scheduler: Any = None,
                  num_inference_steps: int | None = None):
-        if scheduler is None and num_inference_steps is None:
-            raise ValueError("Pass the pipeline (or scheduler=pipe.scheduler), or num_inference_steps, "
-                             "so CacheKit knows the step of each model call.")
         self.model = model
         self.units = units
         self.policy = policy
@@ -50,8 +48,7 @@ class CacheHandle:
         self.owner = f"cachekit-diffusers-{next(_OWNER_IDS)}"
         self.session: CacheSession | None = None
         self.runs: list[RunTelemetry] = []       # finished runs, newest last (at most 16)
-        self._last_t: float | None = None
-        self._step = -1
+        self._tracker = StepTracker(scheduler, num_inference_steps)
         self._slots = slots
         self._originals = [slot.get() for slot in slots]
         for index, (slot, module) in enumerate(zip(slots, self._originals)):
@@ -108,28 +105,56 @@ class CacheHandle:
         return None
 
     def _session_for(self, t: float | None) -> tuple[CacheSession, float | None]:
+        new_run, step, sigma = self._tracker.locate(t, self.session is not None)
+        if new_run:
+            self.finish_run()
+            num_steps = self._tracker.num_steps
+            window = window_from_percent(num_steps, self.start_percent, self.end_percent)
+            self.session = CacheSession(self.owner, self.units, self.policy, self._tracker.clock, window)
+        return self.session, sigma
+
+
+class StepTracker:
+    """Which run and step a model call belongs to, from its timestep.
+
+    With a scheduler: the index of the timestep in scheduler.timesteps; a new run starts when
+    the index goes back or the schedule's length changes. Without: a new step starts when the
+    timestep changes, a new run when it goes up or num_inference_steps are used up.
+    """
+
+    def __init__(self, scheduler: Any = None, num_inference_steps: int | None = None):
+        if scheduler is None and num_inference_steps is None:
+            raise ValueError("Pass the pipeline (or scheduler=pipe.scheduler), or num_inference_steps, "
+                             "so CacheKit knows the step of each model call.")
+        self.scheduler = scheduler
+        self.num_inference_steps = num_inference_steps
+        self.clock: StepClock | None = None
+        self._last_t: float | None = None
+        self._step = -1
+
+    @property
+    def num_steps(self) -> int:
+        return self.clock.num_steps
+
+    def locate(self, t: float | None, in_run: bool) -> tuple[bool, int, float | None]:
+        """(new run?, step, the sigma-like value the run's clock maps to that step)."""
         if self.scheduler is not None:
             timesteps = [float(v) for v in torch.as_tensor(self.scheduler.timesteps).flatten()]
             step = _index_of(timesteps, t)
-            new_run = self.session is None or step < self._step or len(timesteps) != self.session.clock.num_steps
+            new_run = not in_run or step < self._step or self.clock is None or len(timesteps) != self.clock.num_steps
             schedule = timesteps
         else:
             changed = t != self._last_t
             step = self._step + 1 if changed else self._step
-            new_run = (self.session is None or (t is not None and self._last_t is not None and t > self._last_t)
+            new_run = (not in_run or (t is not None and self._last_t is not None and t > self._last_t)
                        or step >= self.num_inference_steps)
             if new_run:
                 step = 0
-            schedule = list(range(self.num_inference_steps, 0, -1))
+            schedule = [float(v) for v in range(self.num_inference_steps, 0, -1)]
         if new_run:
-            self.finish_run()
-            num_steps = len(schedule)
-            clock = StepClock(schedule + [min(schedule) - 1.0])
-            window = window_from_percent(num_steps, self.start_percent, self.end_percent)
-            self.session = CacheSession(self.owner, self.units, self.policy, clock, window)
+            self.clock = StepClock(schedule + [min(schedule) - 1.0])
         self._step, self._last_t = step, t
-        sigma = schedule[step] if self.scheduler is None else t
-        return self.session, sigma
+        return new_run, step, (schedule[step] if self.scheduler is None else t)
 
 
 def _index_of(timesteps: list[float], t: float | None) -> int:
@@ -184,8 +209,9 @@ def apply_fora(target: Any, *, interval: int = 3, start_percent: float = 0.0, en
 
 
 def remove_cache(target: Any) -> None:
-    """Remove whatever CacheKit method is applied to the model (no-op if none)."""
+    """Remove every CacheKit method applied to the model (no-op if none)."""
     model, _ = _resolve(target, None)
-    handle = getattr(model, _HANDLE_ATTR, None)
-    if handle is not None:
-        handle.remove()
+    for attr in (STEP_SKIP_ATTR, _HANDLE_ATTR):
+        handle = getattr(model, attr, None)
+        if handle is not None:
+            handle.remove()

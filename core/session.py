@@ -136,6 +136,12 @@ class CacheSession:
                 store.put(call.layout, signature, tree_map(torch.clone, out) if self._protect[index] else out)
         return out
 
+    def note_step_skipped(self, sigma: float | None) -> None:
+        """A step-skip method reused the whole prediction at this sigma: no unit ran."""
+        step = self.clock.step_of(sigma)
+        if step not in self.telemetry.skipped_steps:
+            self.telemetry.skipped_steps.append(step)
+
     def close(self) -> RunTelemetry:
         """Drop every stored tensor and finish the telemetry. Safe to call twice."""
         self.closed = True

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from .method_nodes import CacheKitDeepCache, CacheKitFORA
+from .method_nodes import CacheKitAdaptiveSkip, CacheKitDeepCache, CacheKitFORA
 
-NODES: list[type[io.ComfyNode]] = [CacheKitDeepCache, CacheKitFORA]
+NODES: list[type[io.ComfyNode]] = [CacheKitDeepCache, CacheKitFORA, CacheKitAdaptiveSkip]
 
 
 class CacheKitExtension(ComfyExtension):

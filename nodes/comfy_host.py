@@ -119,15 +119,15 @@ def _apply_model_wrapper(owner: str) -> Callable:
     return wrapper
 
 
-def _outer_sample_wrapper(owner: str, layout: ComfyLayout, policy: Policy, start_percent: float,
-                          end_percent: float, node_id: str | None) -> Callable:
+def outer_sample_wrapper(owner: str, open_session: Callable, node_id: str | None) -> Callable:
+    """OUTER_SAMPLE wrapper: one session per sampling run, published and dropped when it ends.
+
+    open_session(guider, sigmas) builds the run's session; it is visible to the other wrappers
+    through transformer_options[SESSIONS_KEY][owner] for the run only.
+    """
     def wrapper(executor, *args, **kwargs):
         guider = executor.class_obj
-        sigmas = args[3]
-        model_sampling = guider.model_patcher.get_model_object("model_sampling")
-        window = window_steps(sigmas.tolist(), model_sampling.percent_to_sigma(start_percent),
-                              model_sampling.percent_to_sigma(end_percent))
-        session = CacheSession(owner, layout.units, policy, StepClock(sigmas.tolist()), window)
+        session = open_session(guider, args[3])
         original_options = guider.model_options
         guider.model_options = comfy.patcher_extension.copy_nested_dicts(original_options)
         options = guider.model_options.setdefault("transformer_options", {})
@@ -140,6 +140,16 @@ def _outer_sample_wrapper(owner: str, layout: ComfyLayout, policy: Policy, start
             history.publish(owner, node_id, telemetry)
             log.info("CacheKit: %s", telemetry.summary())
     return wrapper
+
+
+def _unit_session_opener(owner: str, layout: ComfyLayout, policy: Policy, start_percent: float,
+                         end_percent: float) -> Callable:
+    def open_session(guider, sigmas) -> CacheSession:
+        model_sampling = guider.model_patcher.get_model_object("model_sampling")
+        window = window_steps(sigmas.tolist(), model_sampling.percent_to_sigma(start_percent),
+                              model_sampling.percent_to_sigma(end_percent))
+        return CacheSession(owner, layout.units, policy, StepClock(sigmas.tolist()), window)
+    return open_session
 
 
 def install(model, layout: ComfyLayout, policy: Policy, start_percent: float, end_percent: float,
@@ -161,8 +171,8 @@ def install(model, layout: ComfyLayout, policy: Policy, start_percent: float, en
             patched.set_model_patch_replace(_dit_replace(owner, index, existing), "dit", key, number)
     if uses_gates and not _has_gate_patch(patched):
         patched.set_model_patch((UnitGate, _gate_handler), "forward_timestep_embed_patch")
-    patched.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, owner,
-                                 _outer_sample_wrapper(owner, layout, policy, start_percent, end_percent, node_id))
+    opener = _unit_session_opener(owner, layout, policy, start_percent, end_percent)
+    patched.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, owner, outer_sample_wrapper(owner, opener, node_id))
     patched.add_wrapper_with_key(WrappersMP.APPLY_MODEL, owner, _apply_model_wrapper(owner))
     return patched
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..core.methods import DeepCacheConfig, DeepCachePolicy, ForaConfig, ForaPolicy
+from ..core.methods.adaptive import AdaptiveConfig
 from ..core.methods.deepcache import SCHEDULES
 from .comfy_host import diffusion_model_of, install
+from .comfy_step_skip import install_step_skip
 from .comfy_units import FORA_FAMILIES_TEXT, dit_layout, unet_layout
 
 CATEGORY = "CacheKit"
@@ -87,3 +89,31 @@ class CacheKitFORA(io.ComfyNode):
         config = ForaConfig(interval, start_percent, end_percent)
         layout = dit_layout(diffusion_model_of(model))
         return io.NodeOutput(install(model, layout, ForaPolicy(config), start_percent, end_percent, _node_id(cls)))
+
+
+class CacheKitAdaptiveSkip(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CacheKitAdaptiveSkip",
+            display_name="Adaptive Step Skip (CacheKit)",
+            category=CATEGORY,
+            description=("AdaptiveDiffusion for any model: a step reuses the previous noise prediction when the latents "
+                         "change smoothly (third-order difference small against the first-order one). A skipped step "
+                         "runs nothing: no CFG branch, no ControlNet. The first 4 steps always run. Samplers with "
+                         "several model calls per step (heun, dpm_2) decide once per step, on the first call."),
+            inputs=[
+                io.Model.Input("model"),
+                io.Float.Input("delta", default=0.01, min=0.0, max=1.0, step=0.001,
+                               tooltip="Skip threshold. 0 never skips; larger skips more. 0.01 is the official default."),
+                io.Int.Input("max_skip_steps", default=4, min=1, max=100,
+                             tooltip="At most this many skipped steps in a row (after the warm-up)."),
+            ],
+            outputs=[io.Model.Output(tooltip="The model with adaptive step skipping.")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, model, delta, max_skip_steps) -> io.NodeOutput:
+        config = AdaptiveConfig(float(delta), int(max_skip_steps))
+        return io.NodeOutput(install_step_skip(model, config, _node_id(cls)))

@@ -13,8 +13,10 @@ from .shapes import NUM_CLASSES, SIZE
 NULL_CLASS = NUM_CLASSES
 CONTEXT_TOKENS, CONTEXT_DIM = 4, 64
 
-DIT_CONFIG = dict(num_attention_heads=4, attention_head_dim=32, in_channels=3, out_channels=3, num_layers=6,
-                  sample_size=SIZE, patch_size=2, num_embeds_ada_norm=NUM_CLASSES, norm_type="ada_norm_zero")
+# Patch 4 (64 tokens), hidden 192: on one CPU core this trains 2.5x more steps per minute than
+# patch 2 / hidden 128, which after 80 minutes had only learnt 38 % of the classes.
+DIT_CONFIG = dict(num_attention_heads=6, attention_head_dim=32, in_channels=3, out_channels=3, num_layers=6,
+                  sample_size=SIZE, patch_size=4, num_embeds_ada_norm=NUM_CLASSES, norm_type="ada_norm_zero")
 UNET_CONFIG = dict(sample_size=SIZE, in_channels=3, out_channels=3, layers_per_block=2,
                    block_out_channels=(32, 64, 64),
                    # Attention at 16x16 and 8x8 only: 32x32 self-attention costs most of a CPU step.

@@ -30,7 +30,7 @@ from .shapes import sample_batch
 
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 DEFAULTS = {  # lr, batch, EMA decay
-    "dit": (5e-4, 32, 0.999),
+    "dit": (1e-3, 32, 0.999),
     "unet": (1e-3, 32, 0.995),
     "classifier": (2e-3, 64, None),
 }

@@ -1,0 +1,76 @@
+"""AdaptiveDiffusion (Ye et al., 2024; UniModal4Reasoning/AdaptiveDiffusion): skip whole steps.
+
+Reference semantics, as the official `sparse_pipeline.py` decides them. Let L_k be the latent
+after step k (the initial noise is not part of the trajectory) and d_k = mean|L_k - L_(k-1)|.
+
+* Steps 0-3 always run the model.
+* After step k >= 3 the next step is decided from the third-order difference of the latents,
+  measured relative to the first-order one: step k+1 reuses the last noise prediction when
+  |(d_k + d_(k-2)) / 2 - d_(k-1)| <= delta * d_(k-1), and runs the model otherwise.
+* Cap: once more than 4 decisions exist, a step runs when none of the last `max_skip_steps`
+  decisions ran the model. The official check is `len(mask) > 4`, not `> max_skip_steps`, so
+  the first skips after the warm-up may exceed the cap; we keep that, decisions must match.
+* One decision per step for the whole batch (the mean runs over every sample and channel).
+
+The rule is fed, step by step, the latent each step starts from: that is L_(k-1) for step k,
+so its decision for step k uses exactly the latents the official code has at that point.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+WARMUP_STEPS = 4     # the official code computes while it holds <= 3 latents
+
+
+@dataclass(frozen=True)
+class AdaptiveConfig:
+    delta: float = 0.01
+    max_skip_steps: int = 4
+
+    def __post_init__(self) -> None:
+        if isinstance(self.delta, bool) or not isinstance(self.delta, (int, float)) or not self.delta >= 0:
+            raise ValueError(f"delta must be a number >= 0, got {self.delta!r}. 0.01 is the official default; "
+                             "0 never skips, larger values skip more.")
+        if isinstance(self.max_skip_steps, bool) or not isinstance(self.max_skip_steps, int) or self.max_skip_steps < 1:
+            raise ValueError(f"max_skip_steps must be an integer >= 1, got {self.max_skip_steps!r}. "
+                             "4 is the official default.")
+
+
+class AdaptiveSkipRule:
+    """Online state of one sampling run. `decide(latent)` once per step: True = run the model."""
+
+    name = "AdaptiveDiffusion"
+
+    def __init__(self, config: AdaptiveConfig):
+        self.config = config
+        self.steps_seen = 0
+        self._previous: torch.Tensor | None = None
+        self._diffs: list[torch.Tensor] = []    # d_1, d_2, ... (0-d tensors, as the official)
+        self.mask: list[bool] = []              # decisions after the warm-up: True = computed
+
+    def decide(self, latent: torch.Tensor) -> bool:
+        n = self.steps_seen
+        self.steps_seen += 1
+        if n == 0:           # the initial noise: not part of the official trajectory
+            return True
+        latent = latent.detach()
+        diff = (latent - self._previous).abs().mean() if self._previous is not None else None
+        self._previous = latent
+        if n < WARMUP_STEPS:
+            if diff is not None:
+                self._diffs.append(diff)
+            return True
+        prev_diff, prev_prev_diff = self._diffs[-1], self._diffs[-2]
+        self._diffs.append(diff)
+        compute = self._estimate(diff, prev_diff, prev_prev_diff)
+        self.mask.append(compute)
+        return compute
+
+    def _estimate(self, cur: torch.Tensor, prev: torch.Tensor, prev_prev: torch.Tensor) -> bool:
+        k = self.config.max_skip_steps
+        if len(self.mask) > 4 and not any(self.mask[-k:]):
+            return True
+        # Tensor arithmetic in the latent's dtype, as the official, so ties round the same way.
+        return not bool(abs((cur + prev_prev) / 2 - prev) <= prev * self.config.delta)
