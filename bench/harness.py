@@ -23,7 +23,7 @@ from tqdm import tqdm
 from ..tinymodels.architectures import Denoiser
 from ..tinymodels.bundled import load, load_classifier
 from ..tinymodels.sampling import make_scheduler, sample
-from ..tinymodels.metrics import psnr, ssim
+from ..core.quality import psnr, ssim
 from ..tinymodels.shapes import NUM_CLASSES
 from .methods import Method, Setup, all_methods, calibrate_magcache, diffusers_magcache
 from .plot import scatter

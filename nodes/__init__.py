@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
+from .autotune_node import CacheKitAutotune
 from .method_nodes import CacheKitAdaptiveSkip, CacheKitDeepCache, CacheKitFORA
 
-NODES: list[type[io.ComfyNode]] = [CacheKitDeepCache, CacheKitFORA, CacheKitAdaptiveSkip]
+NODES: list[type[io.ComfyNode]] = [CacheKitDeepCache, CacheKitFORA, CacheKitAdaptiveSkip, CacheKitAutotune]
 
 
 class CacheKitExtension(ComfyExtension):

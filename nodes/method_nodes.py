@@ -11,6 +11,40 @@ from .comfy_step_skip import install_step_skip
 from .comfy_units import FORA_FAMILIES_TEXT, dit_layout, unet_layout
 
 CATEGORY = "CacheKit"
+# Settings chosen by the Autotune node: {"method": ..., "settings": {...}}; wired into a method
+# node they replace that node's widget values.
+Settings = io.Custom("CACHEKIT_SETTINGS")
+
+
+def apply_method(method: str, model, settings: dict, node_id: str | None = None):
+    """Patch a clone of `model` with a method; `settings` are the method node's inputs."""
+    if method == "deepcache":
+        config = DeepCacheConfig(**settings)
+        layout = unet_layout(diffusion_model_of(model))
+        policy = DeepCachePolicy(config, layout.layers_per_block)
+        policy.validate(layout.units)
+        return install(model, layout, policy, config.start_percent, config.end_percent, node_id)
+    if method == "fora":
+        config = ForaConfig(**settings)
+        layout = dit_layout(diffusion_model_of(model))
+        return install(model, layout, ForaPolicy(config), config.start_percent, config.end_percent, node_id)
+    if method == "adaptive":
+        return install_step_skip(model, AdaptiveConfig(**settings), node_id)
+    raise ValueError(f"unknown CacheKit method {method!r}")
+
+
+def _with_settings(method: str, widgets: dict, settings: dict | None) -> dict:
+    if settings is None:
+        return widgets
+    if settings.get("method") != method:
+        raise ValueError(f"These settings were tuned for {settings.get('method')!r}, not {method!r}: connect them to "
+                         f"the matching CacheKit node, or re-run Autotune with method {method!r}.")
+    return {**widgets, **settings["settings"]}
+
+
+def _settings_input():
+    return Settings.Input("settings", optional=True,
+                          tooltip="From Autotune (CacheKit): when connected, these settings replace the widgets above.")
 
 
 def _node_id(cls) -> str | None:
@@ -50,18 +84,19 @@ class CacheKitDeepCache(io.ComfyNode):
                 io.Float.Input("power", default=1.4, min=1.01, max=3.0, step=0.01,
                                tooltip="non-uniform only: how strongly full steps gather around center."),
                 *_percent_inputs(),
+                _settings_input(),
             ],
             outputs=[io.Model.Output(tooltip="The model with DeepCache.")],
             hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
-    def execute(cls, model, cache_interval, cache_branch, schedule, center, power, start_percent, end_percent) -> io.NodeOutput:
-        config = DeepCacheConfig(cache_interval, cache_branch, schedule, center, power, start_percent, end_percent)
-        layout = unet_layout(diffusion_model_of(model))
-        policy = DeepCachePolicy(config, layout.layers_per_block)
-        policy.validate(layout.units)
-        return io.NodeOutput(install(model, layout, policy, start_percent, end_percent, _node_id(cls)))
+    def execute(cls, model, cache_interval, cache_branch, schedule, center, power, start_percent, end_percent,
+                settings=None) -> io.NodeOutput:
+        widgets = dict(cache_interval=cache_interval, cache_branch=cache_branch, schedule=schedule, center=center,
+                       power=power, start_percent=start_percent, end_percent=end_percent)
+        return io.NodeOutput(apply_method("deepcache", model, _with_settings("deepcache", widgets, settings),
+                                          _node_id(cls)))
 
 
 class CacheKitFORA(io.ComfyNode):
@@ -79,16 +114,16 @@ class CacheKitFORA(io.ComfyNode):
                 io.Int.Input("interval", default=3, min=1, max=100,
                              tooltip="Refresh every N steps (the first and last steps are always computed). 1 disables caching."),
                 *_percent_inputs(),
+                _settings_input(),
             ],
             outputs=[io.Model.Output(tooltip="The model with FORA.")],
             hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
-    def execute(cls, model, interval, start_percent, end_percent) -> io.NodeOutput:
-        config = ForaConfig(interval, start_percent, end_percent)
-        layout = dit_layout(diffusion_model_of(model))
-        return io.NodeOutput(install(model, layout, ForaPolicy(config), start_percent, end_percent, _node_id(cls)))
+    def execute(cls, model, interval, start_percent, end_percent, settings=None) -> io.NodeOutput:
+        widgets = dict(interval=interval, start_percent=start_percent, end_percent=end_percent)
+        return io.NodeOutput(apply_method("fora", model, _with_settings("fora", widgets, settings), _node_id(cls)))
 
 
 class CacheKitAdaptiveSkip(io.ComfyNode):
@@ -108,12 +143,14 @@ class CacheKitAdaptiveSkip(io.ComfyNode):
                                tooltip="Skip threshold. 0 never skips; larger skips more. 0.01 is the official default."),
                 io.Int.Input("max_skip_steps", default=4, min=1, max=100,
                              tooltip="At most this many skipped steps in a row (after the warm-up)."),
+                _settings_input(),
             ],
             outputs=[io.Model.Output(tooltip="The model with adaptive step skipping.")],
             hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
-    def execute(cls, model, delta, max_skip_steps) -> io.NodeOutput:
-        config = AdaptiveConfig(float(delta), int(max_skip_steps))
-        return io.NodeOutput(install_step_skip(model, config, _node_id(cls)))
+    def execute(cls, model, delta, max_skip_steps, settings=None) -> io.NodeOutput:
+        widgets = dict(delta=float(delta), max_skip_steps=int(max_skip_steps))
+        return io.NodeOutput(apply_method("adaptive", model, _with_settings("adaptive", widgets, settings),
+                                          _node_id(cls)))

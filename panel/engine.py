@@ -14,7 +14,7 @@ import torch
 from ..core import apply_deepcache, apply_fora
 from ..tinymodels.bundled import load
 from ..tinymodels.evaluate import to_uint8
-from ..tinymodels.metrics import psnr
+from ..core.quality import psnr
 from ..tinymodels.sampling import make_scheduler, sample
 from ..tinymodels.shapes import CLASSES
 

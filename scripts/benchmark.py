@@ -37,7 +37,7 @@ from pack import load_pack  # noqa: E402
 ck = load_pack()
 from cachekit.core.diffusers_api import CacheHandle  # noqa: E402
 from cachekit.core.session import CacheSession  # noqa: E402
-from cachekit.tinymodels.metrics import psnr as image_psnr  # noqa: E402
+from cachekit.core.quality import psnr as image_psnr  # noqa: E402
 
 
 def bench_unet():

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from cachekit.bench import harness
-from cachekit.tinymodels import metrics
+from cachekit.core import quality as metrics
 from cachekit.bench.methods import cachekit_deepcache, cachekit_fora, official_deepcache
 from cachekit.tinymodels.bundled import load
 from cachekit.tinymodels.sampling import make_scheduler, sample

@@ -50,9 +50,28 @@ class CKTestCapture:
         return ()
 
 
+def _value_capture(io_type: str) -> type:
+    """A node that keeps a value of `io_type` (a STRING, CacheKit settings) in RESULTS[key]."""
+    class Capture:
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"value": (io_type,), "key": ("STRING", {"default": "out"})}}
+        RETURN_TYPES = ()
+        OUTPUT_NODE = True
+        FUNCTION = "capture"
+        CATEGORY = "testing"
+
+        def capture(self, value, key):
+            RESULTS[key] = value
+            return ()
+    return Capture
+
+
 def register_test_nodes(nodes_module) -> None:
     nodes_module.NODE_CLASS_MAPPINGS["CKTestModel"] = CKTestModel
     nodes_module.NODE_CLASS_MAPPINGS["CKTestCapture"] = CKTestCapture
+    nodes_module.NODE_CLASS_MAPPINGS["CKTestCaptureString"] = _value_capture("STRING")
+    nodes_module.NODE_CLASS_MAPPINGS["CKTestCaptureSettings"] = _value_capture("CACHEKIT_SETTINGS")
 
 
 class Graph:

@@ -1,4 +1,4 @@
-"""Image quality vs. a reference: PSNR and SSIM (one definition for the panel and benchmarks)."""
+"""Output quality vs. a reference: PSNR and SSIM (one definition for autotune, the panel and benchmarks)."""
 from __future__ import annotations
 
 import math

@@ -1,0 +1,12 @@
+"""Choose caching settings for a PSNR or speedup target (see bench/autotune_cli.py)."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pack import load_pack  # noqa: E402
+
+load_pack()
+from cachekit.bench.autotune_cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    main()
