@@ -10,7 +10,7 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..core import apply_deepcache, apply_fora
+from ..core import apply_adaptive_skip, apply_deepcache, apply_fora
 from ..tinymodels.architectures import Denoiser
 
 
@@ -51,6 +51,14 @@ def cachekit_fora(interval: int) -> Method:
         handle = apply_fora(d.network, interval=interval, scheduler=scheduler)
         return Setup(d, finish=handle.finish_run)
     return Method("FORA", f"N={interval}", "CacheKit", ("dit",), install)
+
+
+def cachekit_adaptive(delta: float, max_skip_steps: int = 4) -> Method:
+    def install(denoiser, scheduler, steps):
+        d = _copy(denoiser)
+        handle = apply_adaptive_skip(d.network, delta=delta, max_skip_steps=max_skip_steps, scheduler=scheduler)
+        return Setup(d, finish=handle.finish_run)
+    return Method("AdaptiveDiffusion", f"delta={delta} max_skip={max_skip_steps}", "CacheKit", ("dit", "unet"), install)
 
 
 # -- peers -----------------------------------------------------------------------------------
@@ -180,6 +188,7 @@ def calibrate_magcache(denoiser: Denoiser, steps: int, run) -> list[float]:
 def all_methods(magcache_ratios: dict | None = None) -> list[Method]:
     methods = [cachekit_deepcache(n, b) for n in (2, 3, 5) for b in (0, 1)]
     methods += [cachekit_fora(n) for n in (2, 3, 4, 5)]
+    methods += [cachekit_adaptive(d) for d in (0.01, 0.05, 0.2)]
     methods += [official_deepcache(n, 0) for n in (2, 3, 5)]
     methods += [diffusers_fbc(t) for t in (0.05, 0.1, 0.2)]
     methods += [diffusers_pab(s) for s in (2, 3)]

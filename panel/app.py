@@ -40,10 +40,11 @@ def _sidebar_values(result: engine.Result):
     return summary, steps, blocks, engine.heatmap_image(heat)
 
 
-def generate(model, method, interval, branch, class_name, seed, steps, cfg, images,
+def generate(model, method, interval, branch, class_name, seed, steps, cfg, images, delta=0.05,
              progress=gr.Progress(track_tqdm=True)):
     request = engine.Request(model=model, method=method, interval=int(interval), branch=int(branch),
-                             class_name=class_name, seed=int(seed), steps=int(steps), cfg=float(cfg), images=int(images))
+                             class_name=class_name, seed=int(seed), steps=int(steps), cfg=float(cfg), images=int(images),
+                             delta=float(delta))
     try:
         result = engine.run(request)
     except (ValueError, FileNotFoundError) as error:
@@ -82,6 +83,7 @@ def build() -> gr.Blocks:
             steps = gr.Slider(5, 100, value=25, step=1, label="Steps (DDIM)")
             cfg = gr.Slider(1.0, 8.0, value=3.0, step=0.5, label="CFG")
             images = gr.Slider(1, 8, value=4, step=1, label="Images")
+            delta = gr.Slider(0.0, 0.5, value=0.05, step=0.005, label="AdaptiveDiffusion delta (skip threshold)")
         run = gr.Button("Generate", variant="primary", elem_id="generate")
         with gr.Row():
             # PNG, not the default WebP: lossless, so API users get the exact pixels.
@@ -89,7 +91,7 @@ def build() -> gr.Blocks:
             cached = gr.Image(label="Cached", type="numpy", format="png", interactive=False, elem_id="cached")
         stats = gr.JSON(label="Run data", visible=False)
         model.change(_methods_for, model, [method, branch])
-        run.click(generate, [model, method, interval, branch, class_name, seed, steps, cfg, images],
+        run.click(generate, [model, method, interval, branch, class_name, seed, steps, cfg, images, delta],
                   [uncached, cached, summary, step_plot, block_plot, heatmap, stats], api_name="generate")
     return app
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..core import apply_deepcache, apply_fora
+from ..core import apply_adaptive_skip, apply_deepcache, apply_fora
 from ..tinymodels.bundled import load
 from ..tinymodels.evaluate import to_uint8
 from ..core.quality import psnr
@@ -19,7 +19,7 @@ from ..tinymodels.sampling import make_scheduler, sample
 from ..tinymodels.shapes import CLASSES
 
 MODELS = {"dit": "Tiny DiT (FORA)", "unet": "Tiny U-Net (DeepCache)"}
-METHODS = {"dit": ("FORA",), "unet": ("DeepCache",)}
+METHODS = {"dit": ("FORA", "AdaptiveDiffusion"), "unet": ("DeepCache", "AdaptiveDiffusion")}
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,7 @@ class Request:
     steps: int = 25
     cfg: float = 3.0
     images: int = 4
+    delta: float = 0.05             # AdaptiveDiffusion only
 
     def check(self) -> None:
         if self.model not in MODELS:
@@ -86,6 +87,8 @@ def run(request: Request, progress: bool = True) -> Result:
     if request.method == "DeepCache":
         handle = apply_deepcache(denoiser.network, cache_interval=request.interval, cache_branch=request.branch,
                                  scheduler=scheduler)
+    elif request.method == "AdaptiveDiffusion":
+        handle = apply_adaptive_skip(denoiser.network, delta=request.delta, scheduler=scheduler)
     else:
         handle = apply_fora(denoiser.network, interval=request.interval, scheduler=scheduler)
     try:

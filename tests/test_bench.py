@@ -4,7 +4,7 @@ import torch
 
 from cachekit.bench import harness
 from cachekit.core import quality as metrics
-from cachekit.bench.methods import cachekit_deepcache, cachekit_fora, official_deepcache
+from cachekit.bench.methods import cachekit_adaptive, cachekit_deepcache, cachekit_fora, official_deepcache
 from cachekit.tinymodels.bundled import load
 from cachekit.tinymodels.sampling import make_scheduler, sample
 
@@ -25,6 +25,14 @@ def test_tiny_benchmark_run_reports_every_metric():
     fora = rows[1]
     assert 0.4 < fora["flops_executed"] < 1.0 and fora["hit_rate"] > 0
     assert fora["speedup"] > 0 and 0 < fora["psnr_db"] < 100 and -1 <= fora["ssim"] <= 1
+
+
+def test_benchmark_reports_adaptive_step_skipping_with_its_skipped_work():
+    rows = harness.bench_model("unet", [cachekit_adaptive(0.5, 2)], steps=12, images=2, cfg=3.0, repeats=1)
+    adaptive = rows[1]
+    assert adaptive["method"] == "AdaptiveDiffusion" and adaptive["hit_rate"] > 0
+    # A skipped step skips the whole model call, so the FLOPs executed drop by the hit rate.
+    assert adaptive["flops_executed"] == pytest.approx(1 - adaptive["hit_rate"], abs=0.01)
 
 
 def test_cachekit_deepcache_reproduces_the_official_package_exactly():

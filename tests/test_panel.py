@@ -16,7 +16,7 @@ from cachekit.panel import app as panel_app  # noqa: E402
 from cachekit.panel import engine  # noqa: E402
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
-ARGS = ("unet", "DeepCache", 3, 0, "triangle", 5, 6, 3.0, 2)
+ARGS = ("unet", "DeepCache", 3, 0, "triangle", 5, 6, 3.0, 2, 0.05)
 
 
 def _free_port() -> int:
@@ -54,6 +54,15 @@ def test_api_returns_the_images_and_hit_rates_of_a_direct_run(server):
     assert [row[1] for row in step_plot["data"]] == pytest.approx([v or 0.0 for v in t["step_hit_rates"]])
     assert f"Hit rate {t['hit_rate']:.0%}" in summary
     assert _png(heatmap).shape[0] > 0
+
+
+def test_adaptive_step_skipping_runs_in_the_panel_engine():
+    result = engine.run(engine.Request("unet", "AdaptiveDiffusion", class_name="circle", steps=12, images=1, delta=0.5),
+                        progress=False)
+    t = result.telemetry
+    assert t["method"] == "AdaptiveDiffusion" and t["skipped_steps"]
+    assert t["hit_rate"] == pytest.approx(len(t["skipped_steps"]) / 12)
+    assert 12 < result.psnr_db < float("inf")       # 7 of 12 steps skipped: visibly close, not equal
 
 
 def test_bad_requests_are_refused_with_a_clear_message():
