@@ -93,3 +93,20 @@ def test_tune_on_a_diffusers_unet_returns_settings_that_reproduce_the_measuremen
     again = run()
     handle.remove()
     assert psnr(reference, again, float(reference.max() - reference.min())) == pytest.approx(result.trials[0].psnr)
+
+
+def test_cli_tunes_a_pipeline_saved_on_disk(tmp_path, capsys):
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+    from cachekit.bench.autotune_cli import main
+    transformer = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, num_layers=2,
+                                        sample_size=8, patch_size=2, num_embeds_ada_norm=1000)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,),
+                        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+                        norm_num_groups=8, sample_size=8)
+    DiTPipeline(transformer=transformer, vae=vae, scheduler=DDIMScheduler()).save_pretrained(tmp_path / "pipe")
+    result = main(["--pipeline", str(tmp_path / "pipe"), "--class-labels", "3", "--method", "fora",
+                   "--target-speedup", "1.1", "--steps", "8", "--max-trials", "2", "--json", str(tmp_path / "t.json")])
+    assert 1 <= len(result.trials) <= 2
+    assert all(t.ideal_speedup > 1 for t in result.trials)
+    assert "Autotune fora for speedup >= 1.1x" in capsys.readouterr().out
+    assert (tmp_path / "t.json").exists()
