@@ -92,6 +92,7 @@ class CacheSession:
         active = dict(_ACTIVE.get())
         active[self.owner] = call
         token = _ACTIVE.set(active)
+        started = time.perf_counter()
         try:
             if profiler is None:
                 yield call
@@ -104,6 +105,7 @@ class CacheSession:
                     self.telemetry.unit_flops, self.telemetry.call_flops = result
         finally:
             _ACTIVE.reset(token)
+        self.telemetry.add_time(step, time.perf_counter() - started)
         self.telemetry.model_calls += 1
         self.telemetry.model_call_samples += samples
 

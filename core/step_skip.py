@@ -51,8 +51,9 @@ class StepSkipSession:
     def store(self, key: Hashable, value: Any) -> None:
         self._stored[key] = value
 
-    def record(self, step: int, samples: int, reused: bool) -> None:
+    def record(self, step: int, samples: int, reused: bool, seconds: float = 0.0) -> None:
         self.telemetry.record(step, 0, samples, reused)
+        self.telemetry.add_time(step, seconds)
         self.telemetry.model_calls += 1
         self.telemetry.model_call_samples += samples
         if reused and step not in self.telemetry.skipped_steps:

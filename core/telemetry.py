@@ -5,6 +5,7 @@ do not depend on whether ComfyUI batched the streams or sent them separately.
 """
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -23,6 +24,7 @@ class RunTelemetry:
     call_flops: float | None = None          # per sample, whole model call
     model_calls: int = 0
     model_call_samples: int = 0
+    step_seconds: list[float] = field(default_factory=list)   # [step] wall time inside model calls
     started: float = field(default_factory=time.perf_counter)
     wall_time_s: float | None = None
 
@@ -31,10 +33,15 @@ class RunTelemetry:
         if not self.computed:
             self.computed = [[0] * n for _ in range(self.num_steps)]
             self.reused = [[0] * n for _ in range(self.num_steps)]
+        if not self.step_seconds:
+            self.step_seconds = [0.0] * self.num_steps
 
     # -- recording (hot path: keep it to list indexing) --
     def record(self, step: int, unit: int, samples: int, reused: bool) -> None:
         (self.reused if reused else self.computed)[step][unit] += samples
+
+    def add_time(self, step: int, seconds: float) -> None:
+        self.step_seconds[step] += seconds
 
     def finish(self) -> None:
         if self.wall_time_s is None:
@@ -71,6 +78,17 @@ class RunTelemetry:
         frac = self.executed_fraction()
         return 1.0 / frac if frac else None
 
+    def measured_speedup(self) -> float | None:
+        """Speedup measured inside this run: its full steps (nothing reused) time an uncached step,
+        so steps x median full-step time over the model time actually spent. None until the run
+        has at least one full step and one step that reused something."""
+        ran = [s for s in range(self.num_steps) if self.step_seconds[s] > 0 or sum(self.reused[s])]
+        full = sorted(self.step_seconds[s] for s in ran if not sum(self.reused[s]) and sum(self.computed[s]))
+        spent = sum(self.step_seconds[s] for s in ran)
+        if not full or len(full) == len(ran) or spent <= 0:
+            return None
+        return len(ran) * statistics.median(full) / spent
+
     def heatmap(self) -> list[list[float | None]]:
         """[step][unit] reuse share (None where the unit did not run at that step)."""
         return [[_ratio([r], [c]) for r, c in zip(rr, cc)] for rr, cc in zip(self.reused, self.computed)]
@@ -88,6 +106,8 @@ class RunTelemetry:
             "heatmap": self.heatmap(),
             "executed_fraction": self.executed_fraction(),
             "ideal_speedup": self.ideal_speedup(),
+            "measured_speedup": self.measured_speedup(),
+            "step_seconds": list(self.step_seconds),
             "skipped_steps": list(self.skipped_steps),
             "model_calls": self.model_calls,
             "wall_time_s": self.wall_time_s,

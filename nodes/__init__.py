@@ -3,12 +3,16 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
+from . import routes
 from .autotune_node import CacheKitAutotune
 from .method_nodes import CacheKitAdaptiveSkip, CacheKitDeepCache, CacheKitFORA
+from .stats_node import CacheKitStats
 
-NODES: list[type[io.ComfyNode]] = [CacheKitDeepCache, CacheKitFORA, CacheKitAdaptiveSkip, CacheKitAutotune]
+NODES: list[type[io.ComfyNode]] = [CacheKitDeepCache, CacheKitFORA, CacheKitAdaptiveSkip, CacheKitAutotune,
+                                   CacheKitStats]
 
 
 class CacheKitExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        routes.register()     # ComfyUI 0.3.64 never calls on_load; this runs once at load time
         return NODES

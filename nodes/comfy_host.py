@@ -128,6 +128,8 @@ def outer_sample_wrapper(owner: str, open_session: Callable, node_id: str | None
     def wrapper(executor, *args, **kwargs):
         guider = executor.class_obj
         session = open_session(guider, args[3])
+        live = history.start(owner, node_id, session.telemetry)
+        args, kwargs = _with_step_callback(args, kwargs, live.progress)
         original_options = guider.model_options
         guider.model_options = comfy.patcher_extension.copy_nested_dicts(original_options)
         options = guider.model_options.setdefault("transformer_options", {})
@@ -137,9 +139,31 @@ def outer_sample_wrapper(owner: str, open_session: Callable, node_id: str | None
         finally:
             guider.model_options = original_options
             telemetry = session.close()
-            history.publish(owner, node_id, telemetry)
+            live.finish()
             log.info("CacheKit: %s", telemetry.summary())
     return wrapper
+
+
+_CALLBACK_ARG = 5    # outer_sample(noise, latent_image, sampler, sigmas, denoise_mask, callback, ...)
+
+
+def _with_step_callback(args: tuple, kwargs: dict, on_step: Callable[[], None]) -> tuple[tuple, dict]:
+    """Chain `on_step` after the sampler's per-step callback (previews, progress bar)."""
+    if "callback" in kwargs or len(args) <= _CALLBACK_ARG:
+        original = kwargs.get("callback")
+        kwargs = {**kwargs, "callback": _chained(original, on_step)}
+        return args, kwargs
+    args = list(args)
+    args[_CALLBACK_ARG] = _chained(args[_CALLBACK_ARG], on_step)
+    return tuple(args), kwargs
+
+
+def _chained(original: Callable | None, on_step: Callable[[], None]) -> Callable:
+    def callback(*a, **k):
+        result = original(*a, **k) if original is not None else None
+        on_step()
+        return result
+    return callback
 
 
 def _unit_session_opener(owner: str, layout: ComfyLayout, policy: Policy, start_percent: float,

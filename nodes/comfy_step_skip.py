@@ -11,6 +11,7 @@ variance-preserving latent for SD-style models, as the official diffusers pipeli
 """
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Callable
 
@@ -42,10 +43,11 @@ def _predict_noise_wrapper(owner: str) -> Callable:
                 if other is not session and hasattr(other, "note_step_skipped"):
                     other.note_step_skipped(sigma)
             return x - sigma_b * eps
+        started = time.perf_counter()
         denoised = executor(x, timestep, model_options, seed)
         if sigma > 0:
             session.store(_NOISE, (x - denoised) / sigma_b)
-        session.record(step, x.shape[0], reused=False)
+        session.record(step, x.shape[0], reused=False, seconds=time.perf_counter() - started)
         return denoised
     return wrapper
 

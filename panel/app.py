@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from ..tinymodels.shapes import CLASSES
+from ..core.heatmap import block_heatmap, heatmap_image
 from . import engine
 
 SCALE = 6
@@ -26,7 +27,7 @@ def _sidebar_values(result: engine.Result):
     t = result.telemetry
     steps = pd.DataFrame({"step": list(range(t["num_steps"])),
                           "hit rate": [0.0 if v is None else v for v in t["step_hit_rates"]]})
-    groups, heat = engine.block_heatmap(t)
+    groups, heat = block_heatmap(t)
     with np.errstate(all="ignore"):
         per_block = np.nan_to_num(np.nanmean(heat, axis=0)) if heat.size else np.zeros(len(groups))
     blocks = pd.DataFrame({"block": groups, "hit rate": per_block})
@@ -37,7 +38,7 @@ def _sidebar_values(result: engine.Result):
     if t["executed_fraction"] is not None:
         lines.append(f"**Work executed** {t['executed_fraction']:.0%}")
     summary = "  \n".join(lines)
-    return summary, steps, blocks, engine.heatmap_image(heat)
+    return summary, steps, blocks, heatmap_image(heat)
 
 
 def generate(model, method, interval, branch, class_name, seed, steps, cfg, images, delta=0.05,

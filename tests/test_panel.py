@@ -14,6 +14,7 @@ gr = pytest.importorskip("gradio", reason="gradio is not installed (pip install 
 
 from cachekit.panel import app as panel_app  # noqa: E402
 from cachekit.panel import engine  # noqa: E402
+from cachekit.core.heatmap import block_heatmap, heatmap_image  # noqa: E402
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 ARGS = ("unet", "DeepCache", 3, 0, "triangle", 5, 6, 3.0, 2, 0.05)
@@ -74,10 +75,10 @@ def test_bad_requests_are_refused_with_a_clear_message():
 
 def test_heatmap_layout():
     t = {"groups": ["a", "a", "b"], "num_steps": 2, "heatmap": [[0.0, 0.0, None], [1.0, 0.0, 1.0]]}
-    groups, heat = engine.block_heatmap(t)
+    groups, heat = block_heatmap(t)
     assert groups == ["a", "b"]
     assert heat[0, 0] == 0.0 and np.isnan(heat[0, 1]) and heat[1, 0] == 0.5 and heat[1, 1] == 1.0
-    picture = engine.heatmap_image(heat, cell=2)
+    picture = heatmap_image(heat, cell=2)
     assert picture.shape == (4, 4, 3)          # rows = blocks, columns = steps
 
 

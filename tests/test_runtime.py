@@ -1,4 +1,5 @@
 """The runtime: step clock, per-stream store, session lifecycle and telemetry."""
+import pytest
 import torch
 
 from cachekit.core.clock import StepClock, window_from_percent, window_steps
@@ -116,3 +117,16 @@ def test_units_outside_a_session_compute_normally():
 def test_full_plan_shape():
     units = UnitMap("toy", tuple(Unit(f"u{i}", "g", "k") for i in range(3)))
     assert full_plan(units, 2) == [[False] * 3, [False] * 3]
+
+
+def test_measured_speedup_compares_the_run_with_its_own_full_steps():
+    from cachekit.core.telemetry import RunTelemetry
+    t = RunTelemetry("X", "f", ["a", "b"], ["g", "g"], num_steps=4)
+    t.computed = [[1, 1], [1, 0], [1, 1], [1, 0]]
+    t.reused = [[0, 0], [0, 1], [0, 0], [0, 1]]
+    t.step_seconds = [1.0, 0.5, 1.2, 0.4]
+    # Full steps take 1.0 and 1.2 s (median 1.1): 4 uncached steps would take 4.4 s; 3.1 s were spent.
+    assert t.measured_speedup() == pytest.approx(4.4 / 3.1)
+    t.reused = [[0, 0]] * 4
+    assert t.measured_speedup() is None                      # nothing reused: nothing to measure
+    assert "measured_speedup" in t.as_dict()

@@ -72,6 +72,7 @@ def register_test_nodes(nodes_module) -> None:
     nodes_module.NODE_CLASS_MAPPINGS["CKTestCapture"] = CKTestCapture
     nodes_module.NODE_CLASS_MAPPINGS["CKTestCaptureString"] = _value_capture("STRING")
     nodes_module.NODE_CLASS_MAPPINGS["CKTestCaptureSettings"] = _value_capture("CACHEKIT_SETTINGS")
+    nodes_module.NODE_CLASS_MAPPINGS["CKTestCaptureImage"] = _value_capture("IMAGE")
 
 
 class Graph:
