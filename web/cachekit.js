@@ -109,7 +109,9 @@ function runCard(record) {
   const title = document.createElement("div");
   title.style.fontWeight = "bold";
   const node = record.node_id && app.graph ? app.graph.getNodeById(record.node_id) : null;
-  title.textContent = `${t.method} · ${node ? node.title : t.family}${record.node_id ? ` #${record.node_id}` : ""}`
+  const where = node ? node.title : t.family;
+  title.textContent = (where.startsWith(t.method) ? where : `${t.method} · ${where}`)
+    + (record.node_id ? ` #${record.node_id}` : "")
     + (record.finished ? "" : " · sampling…");
   const stats = document.createElement("div");
   stats.className = "cachekit-stats";

@@ -47,6 +47,9 @@ class Comfy:
         comfy.options.enable_args_parsing(False)
         from comfy.cli_args import args
         args.cpu = True
+        # As main.py does first: ComfyUI's `utils` package must win over comfy/utils.py, which
+        # some extra nodes would otherwise find as a top-level `utils`.
+        import utils.install_util  # noqa: F401
         import comfy.model_management  # noqa: F401
         import comfy.sample  # noqa: F401
         import execution
@@ -56,8 +59,9 @@ class Comfy:
         self._tmp = tempfile.TemporaryDirectory(prefix="cachekit-comfy-")
         link = Path(self._tmp.name) / PACK_NAME
         link.symlink_to(ROOT, target_is_directory=True)
-        # ComfyUI's own EasyCache node, to test stacking with it.
-        asyncio.run(nodes.load_custom_node(str(root / "comfy_extras" / "nodes_easycache.py"), module_parent="comfy_extras"))
+        # All of ComfyUI's built-in extra nodes (EasyCache, SD3 / Flux / video latents, PreviewAny ...),
+        # as a server has them: the workflows in workflows/ use several.
+        asyncio.run(nodes.init_builtin_extra_nodes())
         ok = asyncio.run(nodes.load_custom_node(str(link)))
         # ComfyUI names a pack's module after its path (dots replaced).
         self.pack_module = str(link).replace(".", "_x_")

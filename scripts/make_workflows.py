@@ -1,0 +1,252 @@
+"""Write the example workflows in workflows/ (ComfyUI UI format). Run after changing a node's inputs:
+
+    python scripts/make_workflows.py
+
+Each workflow is a short graph description; widget values are listed in the order ComfyUI
+shows them. tests/integration/test_workflows.py checks every file against the real node
+schemas, and the browser test opens each one in the real frontend.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parents[1] / "workflows"
+
+# Output types per node type (what links from its slots carry), for the ones used here.
+OUTPUTS = {
+    "CheckpointLoaderSimple": ["MODEL", "CLIP", "VAE"], "UNETLoader": ["MODEL"], "CLIPLoader": ["CLIP"],
+    "DualCLIPLoader": ["CLIP"], "VAELoader": ["VAE"], "CLIPTextEncode": ["CONDITIONING"],
+    "FluxGuidance": ["CONDITIONING"], "ModelSamplingSD3": ["MODEL"], "EmptyLatentImage": ["LATENT"],
+    "EmptySD3LatentImage": ["LATENT"], "EmptyHunyuanLatentVideo": ["LATENT"], "KSampler": ["LATENT"],
+    "VAEDecode": ["IMAGE"], "SaveImage": [], "PreviewImage": [], "SaveAnimatedWEBP": [], "PreviewAny": [],
+    "CacheKitDeepCache": ["MODEL"], "CacheKitFORA": ["MODEL"], "CacheKitAdaptiveSkip": ["MODEL"],
+    "CacheKitAutotune": ["MODEL", "CACHEKIT_SETTINGS", "STRING"], "CacheKitStats": ["IMAGE", "STRING"],
+    "Note": [],
+}
+OUTPUT_NAMES = {"CacheKitAutotune": ["MODEL", "settings", "report"], "CacheKitStats": ["heatmap", "summary"],
+                "CheckpointLoaderSimple": ["MODEL", "CLIP", "VAE"]}
+
+DEEPCACHE = [3, 0, "uniform", 15, 1.4, 0.0, 1.0]          # interval, branch, schedule, center, power, start, end
+FORA = [3, 0.0, 1.0]                                      # interval, start, end
+ADAPTIVE = [0.01, 4]                                      # delta, max_skip_steps
+
+
+class Workflow:
+    def __init__(self):
+        self.nodes, self.links = [], []
+
+    def node(self, type_, widgets=(), pos=(0, 0), title=None, size=None, **inputs) -> int:
+        """inputs: name=(node id, output slot, type)."""
+        node_id = len(self.nodes) + 1
+        node = {"id": node_id, "type": type_, "pos": list(pos), "size": list(size or (320, 120)), "flags": {},
+                "order": node_id - 1, "mode": 0, "inputs": [], "outputs": [],
+                "properties": {"Node name for S&R": type_}, "widgets_values": list(widgets)}
+        if title:
+            node["title"] = title
+        for name, (src, slot, type_name) in inputs.items():
+            link_id = len(self.links) + 1
+            self.links.append([link_id, src, slot, node_id, len(node["inputs"]), type_name])
+            node["inputs"].append({"name": name, "type": type_name, "link": link_id})
+            self.nodes[src - 1]["outputs"][slot]["links"].append(link_id)
+        names = OUTPUT_NAMES.get(type_, OUTPUTS[type_])
+        node["outputs"] = [{"name": n, "type": t, "links": [], "slot_index": i}
+                           for i, (n, t) in enumerate(zip(names, OUTPUTS[type_]))]
+        self.nodes.append(node)
+        return node_id
+
+    def note(self, text: str, pos) -> int:
+        return self.node("Note", [text], pos=pos, size=(420, 220), title="About this workflow")
+
+    def save(self, name: str) -> None:
+        data = {"last_node_id": len(self.nodes), "last_link_id": len(self.links), "nodes": self.nodes,
+                "links": self.links, "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}},
+                "version": 0.4}
+        (OUT / f"{name}.json").write_text(json.dumps(data, indent=1) + "\n")
+
+
+def _sample_and_save(w, model, pos, neg, latent, vae, sampler=(20, 7.0, "euler", "normal"), video=False, x=1000):
+    steps, cfg, sampler_name, scheduler = sampler
+    ks = w.node("KSampler", [0, "fixed", steps, cfg, sampler_name, scheduler, 1.0], pos=(x, 100), size=(320, 260),
+                model=(model, 0, "MODEL"), positive=(pos, 0, "CONDITIONING"), negative=(neg, 0, "CONDITIONING"),
+                latent_image=(latent, 0, "LATENT"))
+    decode = w.node("VAEDecode", pos=(x + 360, 100), samples=(ks, 0, "LATENT"), vae=vae)
+    if video:
+        w.node("SaveAnimatedWEBP", ["CacheKit", 16.0, False, 90, "default"], pos=(x + 360, 220),
+               images=(decode, 0, "IMAGE"))
+    else:
+        w.node("SaveImage", ["CacheKit"], pos=(x + 360, 220), size=(320, 320), images=(decode, 0, "IMAGE"))
+    return ks
+
+
+def _stats(w, model, ks, x=1000):
+    stats = w.node("CacheKitStats", pos=(x, 420), model=(model, 0, "MODEL"), samples=(ks, 0, "LATENT"))
+    w.node("PreviewImage", pos=(x + 360, 560), images=(stats, 0, "IMAGE"))
+    w.node("PreviewAny", pos=(x, 560), source=(stats, 1, "STRING"))
+
+
+def _checkpoint(w, ckpt, prompt, negative, size, latent_type="EmptyLatentImage"):
+    ckpt_node = w.node("CheckpointLoaderSimple", [ckpt], pos=(0, 100))
+    pos = w.node("CLIPTextEncode", [prompt], pos=(380, 0), clip=(ckpt_node, 1, "CLIP"))
+    neg = w.node("CLIPTextEncode", [negative], pos=(380, 200), clip=(ckpt_node, 1, "CLIP"))
+    latent = w.node(latent_type, [size, size, 1], pos=(380, 400))
+    return ckpt_node, pos, neg, latent
+
+
+PROMPT = "a lighthouse on a cliff at sunset, dramatic sky, detailed"
+NEG = "blurry, low quality"
+
+
+def sd_deepcache(name, ckpt, size, note):
+    w = Workflow()
+    ckpt_node, pos, neg, latent = _checkpoint(w, ckpt, PROMPT, NEG, size)
+    dc = w.node("CacheKitDeepCache", DEEPCACHE, pos=(700, 100), size=(320, 260), model=(ckpt_node, 0, "MODEL"))
+    ks = _sample_and_save(w, dc, pos, neg, latent, (ckpt_node, 2, "VAE"))
+    _stats(w, dc, ks)
+    w.note(note, pos=(0, 420))
+    w.save(name)
+
+
+def adaptive(name):
+    w = Workflow()
+    ckpt_node, pos, neg, latent = _checkpoint(w, "v1-5-pruned-emaonly-fp16.safetensors", PROMPT, NEG, 512)
+    ad = w.node("CacheKitAdaptiveSkip", ADAPTIVE, pos=(700, 100), model=(ckpt_node, 0, "MODEL"))
+    ks = _sample_and_save(w, ad, pos, neg, latent, (ckpt_node, 2, "VAE"), sampler=(50, 7.0, "euler", "normal"))
+    _stats(w, ad, ks)
+    w.note("AdaptiveDiffusion step skipping works on any model. A step reuses the previous noise prediction when "
+           "the latents change smoothly; a skipped step runs nothing at all (no CFG branch, no ControlNet).\n\n"
+           "delta 0.01 is the official default: raise it to skip more, 0 never skips. max_skip_steps caps "
+           "skips in a row. The first 4 steps always run. It pays off most with many steps (here 50).\n\n"
+           "Cache Stats shows which steps were skipped (orange in the sidebar tab).", pos=(0, 420))
+    w.save(name)
+
+
+def stack(name):
+    w = Workflow()
+    ckpt_node, pos, neg, latent = _checkpoint(w, "v1-5-pruned-emaonly-fp16.safetensors", PROMPT, NEG, 512)
+    dc = w.node("CacheKitDeepCache", DEEPCACHE, pos=(700, 0), size=(320, 260), model=(ckpt_node, 0, "MODEL"))
+    ad = w.node("CacheKitAdaptiveSkip", [0.02, 2], pos=(700, 300), model=(dc, 0, "MODEL"))
+    ks = _sample_and_save(w, ad, pos, neg, latent, (ckpt_node, 2, "VAE"), sampler=(40, 7.0, "euler", "normal"))
+    _stats(w, ad, ks)
+    w.note("A stack: DeepCache reuses the deep U-Net features between full steps, and adaptive step skipping "
+           "skips whole steps where the latents change smoothly. Put the step skipper last: a skipped step then "
+           "runs no DeepCache unit either, and the skipped steps show in both methods' statistics.", pos=(0, 420))
+    w.save(name)
+
+
+def autotune(name):
+    w = Workflow()
+    ckpt_node, pos, neg, latent = _checkpoint(w, "v1-5-pruned-emaonly-fp16.safetensors", PROMPT, NEG, 512)
+    calib = w.node("EmptyLatentImage", [512, 512, 1], pos=(380, 560), title="Calibration latent")
+    tune = w.node("CacheKitAutotune", [0, "fixed", 20, 7.0, "euler", "normal", "deepcache", "psnr", 30.0, 8],
+                  pos=(700, 300), size=(320, 380), model=(ckpt_node, 0, "MODEL"), positive=(pos, 0, "CONDITIONING"),
+                  negative=(neg, 0, "CONDITIONING"), latent_image=(calib, 0, "LATENT"), vae=(ckpt_node, 2, "VAE"))
+    w.node("PreviewAny", pos=(700, 720), source=(tune, 2, "STRING"))
+    dc = w.node("CacheKitDeepCache", DEEPCACHE, pos=(700, 0), size=(320, 260), model=(ckpt_node, 0, "MODEL"),
+                settings=(tune, 1, "CACHEKIT_SETTINGS"))
+    ks = _sample_and_save(w, dc, pos, neg, latent, (ckpt_node, 2, "VAE"), x=1100)
+    _stats(w, dc, ks, x=1100)
+    w.note("Autotune runs a few calibration samplings with this prompt and sampler, and picks DeepCache's settings: "
+           "the fastest that keeps PSNR vs. uncached at or above 30 dB (on decoded images, since a VAE is "
+           "connected). Its settings output drives the DeepCache node, whose own widgets are then ignored; the "
+           "report lists the speed/quality frontier. Tuning costs 3 + max_trials samplings: run it once, then keep "
+           "the settings (or copy them into the widgets and remove Autotune).", pos=(0, 620))
+    w.save(name)
+
+
+def fora_sd3(name):
+    w = Workflow()
+    ckpt_node, pos, neg, latent = _checkpoint(w, "sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors", PROMPT, NEG,
+                                              1024, latent_type="EmptySD3LatentImage")
+    fora = w.node("CacheKitFORA", FORA, pos=(700, 100), model=(ckpt_node, 0, "MODEL"))
+    ks = _sample_and_save(w, fora, pos, neg, latent, (ckpt_node, 2, "VAE"), sampler=(28, 4.5, "euler", "sgm_uniform"))
+    _stats(w, fora, ks)
+    w.note("FORA on SD3 / SD3.5 (MMDiT). Every `interval` steps everything is computed; in between each block "
+           "reuses its cached residual (MMDiT's joint text+image attention is computed inline in the block, so "
+           "the unit is the block). The first and last steps are always computed. interval 2-3 keeps quality "
+           "close to uncached; start_percent 0.2 protects the composition-forming early steps.", pos=(0, 620))
+    w.save(name)
+
+
+def _unet_clip_vae(w, unet, clip, clip_type, vae, dual=None):
+    model = w.node("UNETLoader", [unet, "default"], pos=(0, 0))
+    if dual:
+        clip_node = w.node("DualCLIPLoader", [dual[0], dual[1], clip_type, "default"], pos=(0, 160))
+    else:
+        clip_node = w.node("CLIPLoader", [clip, clip_type, "default"], pos=(0, 160))
+    vae_node = w.node("VAELoader", [vae], pos=(0, 320))
+    return model, clip_node, vae_node
+
+
+def fora_flux(name):
+    w = Workflow()
+    model, clip, vae = _unet_clip_vae(w, "flux1-dev.safetensors", None, "flux", "ae.safetensors",
+                                      dual=("clip_l.safetensors", "t5xxl_fp16.safetensors"))
+    pos = w.node("CLIPTextEncode", [PROMPT], pos=(380, 0), clip=(clip, 0, "CLIP"))
+    guided = w.node("FluxGuidance", [3.5], pos=(380, 160), conditioning=(pos, 0, "CONDITIONING"))
+    neg = w.node("CLIPTextEncode", [""], pos=(380, 280), clip=(clip, 0, "CLIP"))
+    latent = w.node("EmptySD3LatentImage", [1024, 1024, 1], pos=(380, 440))
+    fora = w.node("CacheKitFORA", FORA, pos=(700, 100), model=(model, 0, "MODEL"))
+    ks = _sample_and_save(w, fora, guided, neg, latent, (vae, 0, "VAE"), sampler=(20, 1.0, "euler", "simple"))
+    _stats(w, fora, ks)
+    w.note("FORA on Flux (also Chroma). Flux's blocks compute joint attention inline, so each block is a unit and "
+           "FORA reuses its residual between refreshes. Flux dev is guidance-distilled: cfg 1, guidance from "
+           "FluxGuidance. interval 2 is a safe start at 20 steps; 3 is faster.", pos=(0, 620))
+    w.save(name)
+
+
+def fora_pixart(name):
+    w = Workflow()
+    model, clip, vae = _unet_clip_vae(w, "PixArt-Sigma-XL-2-1024-MS.pth", "t5xxl_fp16.safetensors", "pixart",
+                                      "sdxl_vae.safetensors")
+    pos = w.node("CLIPTextEncode", [PROMPT], pos=(380, 0), clip=(clip, 0, "CLIP"))
+    neg = w.node("CLIPTextEncode", [NEG], pos=(380, 200), clip=(clip, 0, "CLIP"))
+    latent = w.node("EmptyLatentImage", [1024, 1024, 1], pos=(380, 400))
+    fora = w.node("CacheKitFORA", FORA, pos=(700, 100), model=(model, 0, "MODEL"))
+    ks = _sample_and_save(w, fora, pos, neg, latent, (vae, 0, "VAE"), sampler=(20, 4.5, "euler", "normal"))
+    _stats(w, fora, ks)
+    w.note("FORA on PixArt α/Σ with the official semantics: each block's self-attention, cross-attention and MLP "
+           "outputs are cached before their adaLN gates, so every step still applies its own gates.", pos=(0, 620))
+    w.save(name)
+
+
+def fora_wan(name):
+    w = Workflow()
+    model, clip, vae = _unet_clip_vae(w, "wan2.1_t2v_1.3B_fp16.safetensors", "umt5_xxl_fp8_e4m3fn_scaled.safetensors",
+                                      "wan", "wan_2.1_vae.safetensors")
+    shifted = w.node("ModelSamplingSD3", [8.0], pos=(380, 560), model=(model, 0, "MODEL"))
+    pos = w.node("CLIPTextEncode", ["a red fox running through fresh snow, cinematic"], pos=(380, 0), clip=(clip, 0, "CLIP"))
+    neg = w.node("CLIPTextEncode", [NEG], pos=(380, 200), clip=(clip, 0, "CLIP"))
+    latent = w.node("EmptyHunyuanLatentVideo", [832, 480, 33, 1], pos=(380, 400))
+    fora = w.node("CacheKitFORA", [3, 0.1, 1.0], pos=(700, 100), model=(shifted, 0, "MODEL"))
+    ks = _sample_and_save(w, fora, pos, neg, latent, (vae, 0, "VAE"), sampler=(30, 6.0, "uni_pc", "simple"), video=True)
+    _stats(w, fora, ks)
+    w.note("FORA on Wan 2.x video. Self-attention, cross-attention and MLP outputs are reused between refreshes "
+           "with the current step's gates. start_percent 0.1 computes the first tenth fully, where motion is "
+           "laid out. Video models repeat a lot between steps: interval 3 is usually safe.", pos=(0, 620))
+    w.save(name)
+
+
+def main():
+    OUT.mkdir(exist_ok=True)
+    sd_deepcache("deepcache_sd15", "v1-5-pruned-emaonly-fp16.safetensors", 512,
+                 "DeepCache on SD1.5. On cache steps only the shallow branch of the U-Net runs; the deep features "
+                 "come from the last full step.\n\ncache_interval 3: a full step every 3 steps (1 disables caching). "
+                 "cache_branch 0 is the fastest; higher keeps more of the U-Net live (better quality, less speed). "
+                 "The non-uniform schedule packs full steps around `center`.\n\nCache Stats and the CacheKit sidebar "
+                 "tab show what was reused.")
+    sd_deepcache("deepcache_sdxl", "sd_xl_base_1.0.safetensors", 1024,
+                 "DeepCache on SDXL. Same settings as on SD1.5: interval 3, branch 0 is a good start. SDXL's deeper "
+                 "U-Net makes each cache step relatively cheaper.")
+    fora_sd3("fora_sd3")
+    fora_flux("fora_flux")
+    fora_pixart("fora_pixart")
+    fora_wan("fora_wan")
+    adaptive("adaptive_skip_sd15")
+    stack("stack_deepcache_adaptive_sd15")
+    autotune("autotune_deepcache_sd15")
+    print("\n".join(sorted(p.name for p in OUT.glob("*.json"))))
+
+
+if __name__ == "__main__":
+    main()
