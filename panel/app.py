@@ -12,7 +12,7 @@ import pandas as pd
 
 from ..tinymodels.shapes import CLASSES
 from ..core.heatmap import block_heatmap, heatmap_image
-from . import engine
+from . import comfy_client, engine
 
 SCALE = 6
 
@@ -23,22 +23,42 @@ def _picture(images: np.ndarray) -> np.ndarray:
     return np.kron(row, np.ones((SCALE, SCALE, 1), dtype=np.uint8))
 
 
-def _sidebar_values(result: engine.Result):
-    t = result.telemetry
+def _sidebar_values(t: dict, measured: float | None, psnr_db: float | None):
     steps = pd.DataFrame({"step": list(range(t["num_steps"])),
                           "hit rate": [0.0 if v is None else v for v in t["step_hit_rates"]]})
     groups, heat = block_heatmap(t)
     with np.errstate(all="ignore"):
         per_block = np.nan_to_num(np.nanmean(heat, axis=0)) if heat.size else np.zeros(len(groups))
     blocks = pd.DataFrame({"block": groups, "hit rate": per_block})
-    lines = [f"### Hit rate {t['hit_rate']:.0%}",
-             f"**Speedup** {result.speedup:.2f}x measured"
-             + (f", {t['ideal_speedup']:.2f}x FLOP-weighted ideal" if t["ideal_speedup"] else ""),
-             f"**PSNR vs. uncached** {result.psnr_db:.1f} dB"]
+    speed = [f"{measured:.2f}x measured"] if measured else []
+    if t.get("ideal_speedup"):
+        speed.append(f"{t['ideal_speedup']:.2f}x FLOP-weighted ideal")
+    lines = [f"### Hit rate {t['hit_rate']:.0%}"]
+    if speed:
+        lines.append("**Speedup** " + ", ".join(speed))
+    if psnr_db is not None:
+        lines.append(f"**PSNR vs. uncached** {psnr_db:.1f} dB")
     if t["executed_fraction"] is not None:
         lines.append(f"**Work executed** {t['executed_fraction']:.0%}")
+    if t.get("skipped_steps"):
+        lines.append(f"**Skipped steps** {', '.join(map(str, t['skipped_steps']))}")
     summary = "  \n".join(lines)
     return summary, steps, blocks, heatmap_image(heat)
+
+
+def comfy_runs(url):
+    """The newest CacheKit run of a running ComfyUI, shown in the sidebar, plus the list of runs."""
+    try:
+        runs = comfy_client.fetch_runs(url)
+    except ValueError as error:
+        raise gr.Error(str(error))
+    if not runs:
+        raise gr.Error(f"No CacheKit run in {url} yet: queue a prompt with a CacheKit node there.")
+    newest = runs[-1]
+    t = newest["telemetry"]
+    summary, step_df, block_df, heat = _sidebar_values(t, t.get("measured_speedup"), None)
+    listing = "\n".join(f"- {comfy_client.describe(r)}" for r in reversed(runs))
+    return summary, step_df, block_df, heat, listing, newest
 
 
 def generate(model, method, interval, branch, class_name, seed, steps, cfg, images, delta=0.05,
@@ -50,7 +70,7 @@ def generate(model, method, interval, branch, class_name, seed, steps, cfg, imag
         result = engine.run(request)
     except (ValueError, FileNotFoundError) as error:
         raise gr.Error(str(error))
-    summary, step_df, block_df, heat = _sidebar_values(result)
+    summary, step_df, block_df, heat = _sidebar_values(result.telemetry, result.speedup, result.psnr_db)
     stats = {"speedup": result.speedup, "psnr_db": result.psnr_db, "uncached_s": result.uncached_s,
              "cached_s": result.cached_s, "telemetry": result.telemetry}
     return (_picture(result.uncached), _picture(result.cached), summary, step_df, block_df, heat, stats)
@@ -91,9 +111,18 @@ def build() -> gr.Blocks:
             uncached = gr.Image(label="Uncached", type="numpy", format="png", interactive=False, elem_id="uncached")
             cached = gr.Image(label="Cached", type="numpy", format="png", interactive=False, elem_id="cached")
         stats = gr.JSON(label="Run data", visible=False)
+        with gr.Accordion("Attach to a running ComfyUI", open=False):
+            gr.Markdown("Show the CacheKit runs of a ComfyUI with CacheKit installed (newest in the sidebar).")
+            with gr.Row():
+                comfy_url = gr.Textbox(value=comfy_client.DEFAULT_URL, label="ComfyUI URL", elem_id="comfy-url")
+                attach = gr.Button("Show ComfyUI runs", elem_id="comfy-attach")
+            comfy_list = gr.Markdown(elem_id="comfy-runs")
+            comfy_run = gr.JSON(label="Newest run", visible=False)
         model.change(_methods_for, model, [method, branch])
         run.click(generate, [model, method, interval, branch, class_name, seed, steps, cfg, images, delta],
                   [uncached, cached, summary, step_plot, block_plot, heatmap, stats], api_name="generate")
+        attach.click(comfy_runs, comfy_url, [summary, step_plot, block_plot, heatmap, comfy_list, comfy_run],
+                     api_name="comfy_runs")
     return app
 
 

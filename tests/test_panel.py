@@ -106,3 +106,52 @@ def test_browser_runs_a_generation_and_sees_the_sidebar_hit_rate(server):
             browser.close()
     assert "Hit rate" in text and "Speedup" in text and "PSNR" in text
     assert (ARTIFACTS / "panel.png").stat().st_size > 10_000
+
+
+@pytest.fixture
+def fake_comfyui():
+    """A stand-in ComfyUI that serves /cachekit/runs (the real one is in tests/integration)."""
+    import http.server
+    import json
+    import threading
+    result = engine.run(engine.Request("unet", "DeepCache", class_name="ring", steps=6, images=1), progress=False)
+    runs = [{"id": 7, "owner": "cachekit.DeepCache.x", "node_id": "5", "prompt_id": "p", "sampler_node_id": "6",
+             "started": 1.0, "finished": 2.0, "telemetry": result.telemetry}]
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path.startswith("/cachekit/runs"):
+                body = json.dumps({"runs": runs}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(body)
+            else:
+                self.send_error(404)
+
+        def log_message(self, *args):
+            pass
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", result.telemetry
+    httpd.shutdown()
+
+
+def test_panel_attaches_to_a_running_comfyui_and_shows_its_runs(server, fake_comfyui):
+    from gradio_client import Client
+    url, telemetry = fake_comfyui
+    summary, step_plot, block_plot, heatmap, listing, newest = Client(server, verbose=False).predict(
+        url, api_name="/comfy_runs")
+    assert f"Hit rate {telemetry['hit_rate']:.0%}" in summary
+    assert newest["id"] == 7 and newest["telemetry"]["heatmap"] == telemetry["heatmap"]
+    assert [row[1] for row in step_plot["data"]] == pytest.approx([v or 0.0 for v in telemetry["step_hit_rates"]])
+    assert "run 7: DeepCache on node #5" in listing
+
+
+def test_attach_errors_are_clear():
+    from cachekit.panel import comfy_client
+    with pytest.raises(ValueError, match="must look like"):
+        comfy_client.runs_url("file:///etc/passwd")
+    with pytest.raises(ValueError, match="Cannot reach ComfyUI"):
+        comfy_client.fetch_runs(f"http://127.0.0.1:{_free_port()}", timeout=2)
+    assert comfy_client.runs_url("http://127.0.0.1:8188/") == "http://127.0.0.1:8188/cachekit/runs?limit=32"

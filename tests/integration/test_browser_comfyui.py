@@ -167,6 +167,12 @@ def test_a_workflow_runs_and_the_sidebar_and_badge_show_its_hit_rate(page, comfy
     card.wait_for(timeout=30_000)
     assert card.locator(".cachekit-hit-rate").inner_text() == expected
     assert card.locator("canvas.cachekit-heatmap").count() == 1 and card.locator("canvas.cachekit-steps").count() == 1
+    # The Gradio panel's client reads the same run from this real server.
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("cachekit_comfy_client", ROOT / "panel" / "comfy_client.py")
+    client = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(client)
+    assert client.fetch_runs(comfy_server)[-1]["telemetry"]["hit_rate"] == run["telemetry"]["hit_rate"]
     page.wait_for_timeout(500)
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "comfyui_sidebar.png"))
