@@ -5,8 +5,8 @@ usable on diffusers models: `apply_deepcache`, `apply_fora`, `apply_adaptive_ski
 Only relative imports here: ComfyUI has top-level modules named `nodes`, and this pack must
 never shadow them.
 """
-from .core import (CacheHandle, StepSkipHandle, apply_adaptive_skip, apply_deepcache, apply_fora, autotune_diffusers,
-                   remove_cache)
+from .core import (CacheHandle, StepSkipHandle, apply_adaptive_skip, apply_deepcache, apply_fora, apply_router,
+                   autotune_diffusers, remove_cache)
 
 WEB_DIRECTORY = "./web"
 __version__ = "0.1.0"
@@ -17,4 +17,4 @@ async def comfy_entrypoint():
     return CacheKitExtension()
 
 
-__all__ = ["CacheHandle", "StepSkipHandle", "apply_deepcache", "apply_fora", "apply_adaptive_skip", "remove_cache", "autotune_diffusers", "comfy_entrypoint", "WEB_DIRECTORY"]
+__all__ = ["CacheHandle", "StepSkipHandle", "apply_deepcache", "apply_fora", "apply_adaptive_skip", "apply_router", "remove_cache", "autotune_diffusers", "comfy_entrypoint", "WEB_DIRECTORY"]

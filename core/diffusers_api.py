@@ -101,7 +101,8 @@ class CacheHandle:
         return None
 
     def _after_call(self, module, args, kwargs, output):
-        self._scopes.pop().__exit__(None, None, None)
+        if self._scopes:     # empty when the pre-hook itself failed (e.g. a router refused the steps)
+            self._scopes.pop().__exit__(None, None, None)
         return None
 
     def _session_for(self, t: float | None) -> tuple[CacheSession, float | None]:
@@ -206,6 +207,26 @@ def apply_fora(target: Any, *, interval: int = 3, start_percent: float = 0.0, en
     config = ForaConfig(interval, start_percent, end_percent)
     units, slots = dit_units(model)
     return CacheHandle(model, units, slots, ForaPolicy(config), start_percent, end_percent, scheduler, num_inference_steps)
+
+
+def apply_router(target: Any, router: Any, *, threshold: float | None = None, scheduler: Any = None,
+                 num_inference_steps: int | None = None) -> CacheHandle:
+    """A learned L2C / HarmoniCa router (our .safetensors, an official L2C .pt, or a Router) on a
+    diffusers DiT or PixArt transformer. Depth and layout are checked now, the step count when
+    sampling starts."""
+    from .methods.router import RouterPolicy
+    from .routers import Router, load_official, load_router
+    model, scheduler = _resolve(target, scheduler)
+    _check_free(model)
+    if not isinstance(router, Router):
+        path = str(router)
+        router = load_official(path) if path.endswith((".pt", ".pth")) else load_router(path)
+    policy = RouterPolicy(router, threshold)
+    units, slots = dit_units(model)
+    policy.check_units(units)
+    if scheduler is None and num_inference_steps is not None:
+        policy.check_steps(num_inference_steps)
+    return CacheHandle(model, units, slots, policy, 0.0, 1.0, scheduler, num_inference_steps)
 
 
 def remove_cache(target: Any) -> None:
