@@ -6,10 +6,11 @@ from comfy_api.latest import ComfyExtension, io
 from . import routes
 from .autotune_node import CacheKitAutotune
 from .method_nodes import CacheKitAdaptiveSkip, CacheKitDeepCache, CacheKitFORA
+from .router_node import CacheKitRouter
 from .stats_node import CacheKitStats
 
-NODES: list[type[io.ComfyNode]] = [CacheKitDeepCache, CacheKitFORA, CacheKitAdaptiveSkip, CacheKitAutotune,
-                                   CacheKitStats]
+NODES: list[type[io.ComfyNode]] = [CacheKitDeepCache, CacheKitFORA, CacheKitAdaptiveSkip, CacheKitRouter,
+                                   CacheKitAutotune, CacheKitStats]
 
 
 class CacheKitExtension(ComfyExtension):

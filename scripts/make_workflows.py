@@ -22,6 +22,7 @@ OUTPUTS = {
     "VAEDecode": ["IMAGE"], "SaveImage": [], "PreviewImage": [], "SaveAnimatedWEBP": [], "PreviewAny": [],
     "CacheKitDeepCache": ["MODEL"], "CacheKitFORA": ["MODEL"], "CacheKitAdaptiveSkip": ["MODEL"],
     "CacheKitAutotune": ["MODEL", "CACHEKIT_SETTINGS", "STRING"], "CacheKitStats": ["IMAGE", "STRING"],
+    "CacheKitRouter": ["MODEL"],
     "Note": [],
 }
 OUTPUT_NAMES = {"CacheKitAutotune": ["MODEL", "settings", "report"], "CacheKitStats": ["heatmap", "summary"],
@@ -210,6 +211,25 @@ def fora_pixart(name):
     w.save(name)
 
 
+def router_pixart(name):
+    w = Workflow()
+    model, clip, vae = _unet_clip_vae(w, "PixArt-Sigma-XL-2-1024-MS.pth", "t5xxl_fp16.safetensors", "pixart",
+                                      "sdxl_vae.safetensors")
+    pos = w.node("CLIPTextEncode", [PROMPT], pos=(380, 0), clip=(clip, 0, "CLIP"))
+    neg = w.node("CLIPTextEncode", [NEG], pos=(380, 200), clip=(clip, 0, "CLIP"))
+    latent = w.node("EmptyLatentImage", [1024, 1024, 1], pos=(380, 400))
+    routed = w.node("CacheKitRouter", ["pixart_sigma_20steps_harmonica.safetensors", 0.0], pos=(700, 100),
+                    model=(model, 0, "MODEL"))
+    ks = _sample_and_save(w, routed, pos, neg, latent, (vae, 0, "VAE"), sampler=(20, 4.5, "euler", "normal"))
+    _stats(w, routed, ks)
+    w.note("A learned router (Learning-to-Cache or HarmoniCa) decides per step and sub-layer whether to recompute "
+           "or reuse. Put router files in models/cachekit_routers/: CacheKit's .safetensors routers, or official "
+           "L2C .pt files. A router only fits the model and step count it was trained for (here PixArt Σ at 20 "
+           "steps; the node says what does not fit). threshold 0 uses the router's own; higher reuses more.",
+           pos=(0, 620))
+    w.save(name)
+
+
 def fora_wan(name):
     w = Workflow()
     model, clip, vae = _unet_clip_vae(w, "wan2.1_t2v_1.3B_fp16.safetensors", "umt5_xxl_fp8_e4m3fn_scaled.safetensors",
@@ -242,6 +262,7 @@ def main():
     fora_flux("fora_flux")
     fora_pixart("fora_pixart")
     fora_wan("fora_wan")
+    router_pixart("router_pixart")
     adaptive("adaptive_skip_sd15")
     stack("stack_deepcache_adaptive_sd15")
     autotune("autotune_deepcache_sd15")

@@ -1,0 +1,64 @@
+"""Learned Router (CacheKit): apply an L2C / HarmoniCa router file from models/cachekit_routers/."""
+from __future__ import annotations
+
+import os
+
+import folder_paths
+from comfy_api.latest import io
+
+from ..core.methods.router import RouterPolicy
+from ..core.routers import load_official, load_router
+from .comfy_host import diffusion_model_of, install
+from .comfy_units import dit_layout
+from .method_nodes import CATEGORY, _node_id
+
+FOLDER = "cachekit_routers"
+EXTENSIONS = {".safetensors", ".pt", ".pth"}
+
+
+def register_folder() -> None:
+    """models/cachekit_routers/ (plus any extra_model_paths.yaml entries for it)."""
+    if FOLDER not in folder_paths.folder_names_and_paths:
+        folder_paths.add_model_folder_path(FOLDER, os.path.join(folder_paths.models_dir, FOLDER))
+    paths, extensions = folder_paths.folder_names_and_paths[FOLDER]
+    folder_paths.folder_names_and_paths[FOLDER] = (paths, set(extensions) | EXTENSIONS)
+
+
+def load_router_file(name: str):
+    path = folder_paths.get_full_path(FOLDER, name)
+    if path is None:
+        raise ValueError(f"Router {name!r} is not in models/{FOLDER}/. Put router files there (our .safetensors, "
+                         "or an official L2C .pt / .pth) and refresh.")
+    return load_official(path) if path.endswith((".pt", ".pth")) else load_router(path)
+
+
+class CacheKitRouter(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        register_folder()
+        return io.Schema(
+            node_id="CacheKitRouter",
+            display_name="Learned Router (CacheKit)",
+            category=CATEGORY,
+            description=("Learning-to-Cache / HarmoniCa: a trained router decides, per step and sub-layer, whether to "
+                         "recompute or reuse the cached output. The router must match the model (depth, sub-layers) "
+                         f"and the sampler's step count. Router files go in models/{FOLDER}/."),
+            inputs=[
+                io.Model.Input("model"),
+                io.Combo.Input("router_name", options=folder_paths.get_filename_list(FOLDER),
+                               tooltip=f"A router in models/{FOLDER}/ (.safetensors, or an official L2C .pt/.pth)."),
+                io.Float.Input("threshold", default=0.0, min=0.0, max=0.99, step=0.01,
+                               tooltip="Recompute where sigmoid(logit) > threshold. 0 uses the router's own threshold; "
+                                       "higher reuses more."),
+            ],
+            outputs=[io.Model.Output(tooltip="The model with the learned router.")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, model, router_name, threshold) -> io.NodeOutput:
+        router = load_router_file(router_name)
+        policy = RouterPolicy(router, threshold if threshold > 0 else None)
+        layout = dit_layout(diffusion_model_of(model))
+        policy.check_units(layout.units)          # depth / layout now; the step count when sampling starts
+        return io.NodeOutput(install(model, layout, policy, 0.0, 1.0, _node_id(cls)))
