@@ -179,3 +179,79 @@ def test_pickles_with_code_are_refused_and_nothing_runs(tmp_path):
         with pytest.raises(RouterError):
             apply_router(_tiny_dit(), tmp_path / name, num_inference_steps=1)
     assert not marker.exists(), "code from the file ran"
+
+
+def _train_tiny(method, tmp_path, iterations=4, resume=False):
+    from cachekit.core.routers.train import TrainConfig, train_router
+    model = _tiny_dit()
+    scheduler = DDIMScheduler()
+
+    def make_batch(g, batch):
+        return torch.randn(batch, 4, 8, 8, generator=g), torch.randint(0, 10, (batch,), generator=g)
+
+    def call(m, x, t, labels):
+        return m(x, timestep=t.expand(x.shape[0]), class_labels=labels, return_dict=False)[0][:, :4]
+    config = TrainConfig(method, num_steps=6, iterations=iterations, batch=2, lr=0.05, l1=1e-3, lambda_every=2)
+    losses = []
+    router = train_router(model, scheduler, make_batch, call, config, checkpoint=tmp_path / f"{method}.ckpt.pt",
+                          resume=resume, progress=lambda i, n, loss: losses.append(loss))
+    return model, router, losses
+
+
+@pytest.mark.parametrize("method", ["harmonica", "l2c"])
+def test_router_training_produces_a_router_that_applies(method, tmp_path):
+    model, router, losses = _train_tiny(method, tmp_path)
+    assert len(losses) == 4 and all(l == l and l > 0 for l in losses)       # finite, positive
+    assert router.method == method and router.num_steps == 6 and router.num_units == 6
+    assert router.layout == ("attn", "mlp") and router.depth == 3
+    initial = torch.randn(6, 6, generator=torch.Generator().manual_seed(0))
+    assert not torch.allclose(router.logits, initial)                         # it learned something
+    assert float(router.logits.abs().max()) <= 5.0
+    saved = load_router(save_router(router, tmp_path / "r.safetensors"))
+    scheduler = DDIMScheduler()
+    scheduler.set_timesteps(6)
+    handle = apply_router(model, saved, scheduler=scheduler)
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            model(torch.randn(1, 4, 8, 8), timestep=t.expand(1), class_labels=torch.tensor([1]))
+    assert handle.finish_run().model_calls == 6
+    handle.remove()
+    assert not any(m._forward_hooks for m in model.modules())                # training hooks are gone
+
+
+def test_router_training_resumes_from_its_checkpoint(tmp_path):
+    _train_tiny("l2c", tmp_path, iterations=2)
+    _, router, losses = _train_tiny("l2c", tmp_path, iterations=4, resume=True)
+    assert len(losses) == 2                                                  # iterations 3 and 4 only
+    assert "4 iterations" in router.source
+
+
+def test_router_training_on_two_gloo_processes_keeps_one_router(tmp_path):
+    """torchrun with 2 CPU processes: gradients are averaged, so both ranks end with the same logits."""
+    script = tmp_path / "train_two.py"
+    script.write_text(f'''
+import os, sys
+sys.path.insert(0, {str(ROOT / "scripts")!r})
+from pack import load_pack
+load_pack()
+import torch, torch.distributed as dist
+from diffusers import DDIMScheduler, DiTTransformer2DModel
+from cachekit.core.routers.train import TrainConfig, train_router
+dist.init_process_group("gloo")
+torch.manual_seed(0)
+model = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, num_layers=2,
+                              sample_size=8, patch_size=2, num_embeds_ada_norm=10).eval()
+make_batch = lambda g, b: (torch.randn(b, 4, 8, 8, generator=g), torch.randint(0, 10, (b,), generator=g))
+call = lambda m, x, t, y: m(x, timestep=t.expand(x.shape[0]), class_labels=y, return_dict=False)[0][:, :4]
+router = train_router(model, DDIMScheduler(), make_batch, call,
+                      TrainConfig("l2c", num_steps=4, iterations=3, batch=2, lr=0.05, l1=1e-3), distributed=dist)
+torch.save(router.logits, os.path.join({str(tmp_path)!r}, f"rank{{dist.get_rank()}}.pt"))
+dist.destroy_process_group()
+''')
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert torch.equal(rank0, rank1)
+    assert not torch.equal(rank0, torch.randn(4, 4, generator=torch.Generator().manual_seed(0)))

@@ -1,0 +1,94 @@
+"""Train a learned router (HarmoniCa SDT + IEP, or the L2C objective) on CPU or GPUs.
+
+    python scripts/train_router.py --model dit --method harmonica --steps 20 --minutes 10 --out routers/tiny_dit.safetensors
+    torchrun --nproc_per_node 2 scripts/train_router.py --model dit ...     # several processes (gloo on CPU)
+
+--model dit trains for the bundled tiny DiT (DDIM, CFG 3); --pipeline DIR for a diffusers DiT /
+PixArt pipeline saved on disk (class-conditional DiT only, here). A checkpoint next to the
+output (.ckpt.pt) lets --resume continue. Output: CacheKit's router format.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..core.routers import save_router
+from ..core.routers.train import TrainConfig, train_router
+from ..tinymodels.architectures import NULL_CLASS
+from ..tinymodels.bundled import load
+from ..tinymodels.sampling import make_scheduler
+from ..tinymodels.shapes import NUM_CLASSES, SIZE
+
+
+def bundled_dit(cfg: float = 3.0):
+    denoiser = load("dit")
+
+    def make_batch(g, batch):
+        labels = torch.randint(0, NUM_CLASSES, (batch,), generator=g)
+        return torch.randn(batch, 3, SIZE, SIZE, generator=g), torch.cat([torch.full_like(labels, NULL_CLASS), labels])
+
+    def call(model, x, t, both):
+        u, c = model(torch.cat([x, x]), timestep=t.expand(2 * x.shape[0]), class_labels=both,
+                     return_dict=False)[0].chunk(2)
+        return u + cfg * (c - u)
+    return denoiser.network, make_scheduler(20), make_batch, call
+
+
+def _distributed():
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Train a CacheKit router.")
+    parser.add_argument("--model", choices=("dit",), default="dit", help="a bundled model")
+    parser.add_argument("--method", choices=("harmonica", "l2c"), default="harmonica")
+    parser.add_argument("--steps", type=int, default=20, help="sampling steps the router is for")
+    parser.add_argument("--iterations", type=int, default=200)
+    parser.add_argument("--minutes", type=float)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--l1", type=float, default=1e-4)
+    parser.add_argument("--threshold", type=float, default=0.5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--resume", action="store_true")
+    args = parser.parse_args(argv)
+    dist = _distributed()
+    rank = dist.get_rank() if dist is not None else 0
+    torch.set_num_threads(1 if dist is not None else max(1, torch.get_num_threads()))
+    model, scheduler, make_batch, call = bundled_dit()
+    config = TrainConfig(args.method, args.steps, args.iterations, args.batch, args.lr, args.l1, args.threshold,
+                         seed=args.seed, minutes=args.minutes)
+    bar = tqdm(total=args.iterations, desc=f"router ({args.method})", disable=rank != 0)
+
+    def progress(done, total, loss):
+        bar.n = done
+        bar.set_postfix(loss=f"{loss:.2e}")
+        bar.refresh()
+    checkpoint = args.out.with_suffix(".ckpt.pt")
+    router = train_router(model, scheduler, make_batch, call, config, family="dit", checkpoint=checkpoint,
+                          resume=args.resume, progress=progress, distributed=dist)
+    bar.close()
+    if rank == 0:
+        save_router(router, args.out)
+        recompute = router.recompute().float().mean().item()
+        print(f"{args.out}: {router.method} router, {router.num_steps} steps x {router.num_units} sub-layers, "
+              f"recomputes {recompute:.0%} of routed sub-layers"
+              + (f", {dist.get_world_size()} processes" if dist is not None else ""))
+    if dist is not None:
+        dist.barrier()
+        dist.destroy_process_group()
+    return router
+
+
+if __name__ == "__main__":
+    main()

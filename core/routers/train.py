@@ -1,0 +1,227 @@
+"""Train a router for a diffusers DiT-style model, image-free (the model's own trajectories).
+
+Both objectives make the cache decision soft during training: a unit's output becomes
+w * fresh + (1 - w) * cached with w = sigmoid(logit), so the error of reusing flows into the
+logits, and an L1 term on w pushes towards reuse.
+
+* harmonica: Step-wise Denoising Training (SDT) as in ModelTC/HarmoniCa's train_router.py:
+  a whole DDIM trajectory from noise runs with the router active, so the cache a step sees is
+  the one earlier routed steps left (it may be several steps old). At each step after the
+  first, the loss is mse(routed output, fully computed output at the same input) weighted by
+  the Image Error Proxy (IEP) lambda_k, plus l1 * sum(w). lambda_k is the change of the final
+  sample when step k's routing is switched on, measured by full trajectories every
+  `lambda_every` iterations. A unit's cache is refreshed where w > threshold, and the
+  trajectory continues from the routed output.
+* l2c: Learning-to-Cache's objective (horseee/learning-to-cache): a routed step k (router
+  index T-1-k even) follows a full step k-1; loss = mse(routed, full) + l1 * sum(w) at step k,
+  with the state at step k-1 taken from the model's own uncached trajectory.
+
+Logits are clamped to [-5, 5] after each update, as the official trainers do.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..diffusers_adapter import dit_units
+from ..methods.router import routed_steps
+from .format import Router
+
+
+class SoftUnits:
+    """Forward hooks on the unit modules that implement full / reference / soft-routed calls."""
+
+    def __init__(self, modules: list[torch.nn.Module], threshold: float):
+        self.mode = "full"
+        self.weights: torch.Tensor | None = None
+        self.threshold = threshold
+        self.cache: list[torch.Tensor | None] = [None] * len(modules)
+        self._hooks = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(modules)]
+
+    def _hook(self, index: int):
+        def hook(module, args, output):
+            if self.mode == "reference":            # computed, cache untouched
+                return output
+            cached = self.cache[index]
+            if self.mode == "full" or cached is None or cached.shape != output.shape:
+                self.cache[index] = output.detach()
+                return output
+            w = self.weights[index]
+            out = w * output + (1 - w) * cached
+            if float(w.detach()) > self.threshold:  # the sub-layer would be recomputed: refresh
+                self.cache[index] = out.detach()
+            return out
+        return hook
+
+    def reset(self) -> None:
+        self.cache = [None] * len(self.cache)
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+
+
+@dataclass
+class TrainConfig:
+    method: str = "harmonica"
+    num_steps: int = 20
+    iterations: int = 200
+    batch: int = 8
+    lr: float = 0.01
+    l1: float = 1e-4
+    threshold: float = 0.5
+    lambda_every: int = 50          # IEP refresh (harmonica)
+    seed: int = 0
+    minutes: float | None = None    # stop after this much time, whatever the iterations
+
+
+@dataclass
+class TrainState:
+    logits: torch.Tensor
+    iteration: int = 0
+    losses: list[float] = field(default_factory=list)
+    lambdas: list[float] | None = None
+    seconds: float = 0.0
+
+
+def _ddim_step(scheduler, out: torch.Tensor, t, x: torch.Tensor) -> torch.Tensor:
+    return scheduler.step(out, t, x).prev_sample
+
+
+def train_router(model: torch.nn.Module, scheduler: Any, make_batch: Callable[[torch.Generator, int], tuple],
+                 call: Callable[[torch.nn.Module, torch.Tensor, Any, Any], torch.Tensor], config: TrainConfig, *,
+                 family: str = "dit", checkpoint: Path | None = None, resume: bool = False,
+                 progress: Callable[[int, int, float], None] | None = None, distributed: Any = None) -> Router:
+    """Train and return a Router.
+
+    make_batch(generator, batch) -> (x_T, conditioning); call(model, x, t, conditioning) -> the
+    noise prediction used by the sampler (CFG included), as the sampling code computes it.
+    `distributed`: a torch.distributed module already initialised; gradients are averaged over
+    its processes (each draws its own batches).
+    """
+    units, slots = dit_units(model)
+    layout = tuple(dict.fromkeys(u.kind for u in units.units))
+    depth = len(units) // len(layout)
+    scheduler = copy.deepcopy(scheduler)
+    scheduler.set_timesteps(config.num_steps)
+    timesteps = list(scheduler.timesteps)
+    state = TrainState(torch.zeros(config.num_steps, len(units)))
+    if resume and checkpoint is not None and Path(checkpoint).exists():
+        saved = torch.load(str(checkpoint), weights_only=True)
+        state = TrainState(saved["logits"], int(saved["iteration"]), list(saved["losses"]),
+                           saved.get("lambdas"), float(saved.get("seconds", 0.0)))
+    else:
+        g = torch.Generator().manual_seed(config.seed)
+        state.logits = torch.randn(config.num_steps, len(units), generator=g)   # as the official Router init
+    logits = state.logits.clone().requires_grad_(True)
+    optimizer = torch.optim.AdamW([logits], lr=config.lr, weight_decay=0.0)
+    rank = distributed.get_rank() if distributed is not None else 0
+    g = torch.Generator().manual_seed(config.seed * 1000 + rank + state.iteration)
+    soft = SoftUnits([slot.get() for slot in slots], config.threshold)
+    routed = routed_steps(config.method, config.num_steps)
+    model.requires_grad_(False)
+    started = time.perf_counter() - state.seconds
+
+    def run(x, cond, mode, k, weights=None):
+        soft.mode, soft.weights = mode, weights
+        return call(model, x, timesteps[k], cond)
+
+    def trajectory(x, cond, routing: list[torch.Tensor | None]) -> torch.Tensor:
+        soft.reset()
+        with torch.no_grad():
+            for k, t in enumerate(timesteps):
+                w = routing[k]
+                out = run(x, cond, "soft" if w is not None else "full", k, w)
+                x = _ddim_step(scheduler, out, t, x)
+        return x
+
+    def iep_lambdas(x_T, cond) -> list[float]:
+        # Switch the routers on one step at a time from the last step backwards and measure
+        # how much the final sample moves: HarmoniCa's Image Error Proxy.
+        routing: list[torch.Tensor | None] = [None] * config.num_steps
+        previous = trajectory(x_T, cond, routing)
+        lambdas = [0.0] * config.num_steps
+        for k in range(config.num_steps - 1, 0, -1):
+            if not routed[k]:
+                continue
+            routing[k] = torch.sigmoid(logits.detach()[k])
+            current = trajectory(x_T, cond, routing)
+            lambdas[k] = float(((current - previous) ** 2).mean())
+            previous = current
+        total = sum(lambdas) or 1.0
+        return [v / total * len([r for r in routed if r]) for v in lambdas]   # mean 1 over routed steps
+
+    try:
+        while state.iteration < config.iterations:
+            if config.minutes is not None and time.perf_counter() - started > config.minutes * 60:
+                break
+            x, cond = make_batch(g, config.batch)
+            soft.reset()
+            iteration_loss = 0.0
+            if config.method == "harmonica":
+                if state.lambdas is None or state.iteration % config.lambda_every == 0:
+                    state.lambdas = iep_lambdas(x, cond)
+                for k, t in enumerate(timesteps):
+                    if not routed[k]:
+                        with torch.no_grad():
+                            out = run(x, cond, "full", k)
+                        x = _ddim_step(scheduler, out, t, x)
+                        continue
+                    with torch.no_grad():
+                        reference = run(x, cond, "reference", k)
+                    w = torch.sigmoid(logits[k])
+                    predicted = run(x, cond, "soft", k, w)
+                    loss = ((predicted - reference) ** 2).mean() * state.lambdas[k] + config.l1 * w.sum()
+                    iteration_loss += _update(loss, logits, optimizer, distributed)
+                    x = _ddim_step(scheduler, predicted.detach(), t, x)
+            else:
+                candidates = [k for k in range(1, config.num_steps) if routed[k]]
+                k = candidates[int(torch.randint(len(candidates), (1,), generator=g))]
+                with torch.no_grad():
+                    for j in range(k):
+                        out = run(x, cond, "full", j)       # records every unit at step k-1
+                        x = _ddim_step(scheduler, out, timesteps[j], x)
+                    reference = run(x, cond, "reference", k)
+                w = torch.sigmoid(logits[k])
+                predicted = run(x, cond, "soft", k, w)
+                loss = ((predicted - reference) ** 2).mean() + config.l1 * w.sum()
+                iteration_loss = _update(loss, logits, optimizer, distributed)
+            state.iteration += 1
+            state.losses.append(iteration_loss)
+            state.seconds = time.perf_counter() - started
+            if progress is not None:
+                progress(state.iteration, config.iterations, iteration_loss)
+            if checkpoint is not None and rank == 0 and state.iteration % 20 == 0:
+                _save_checkpoint(checkpoint, logits, state)
+    finally:
+        soft.remove()
+    state.logits = logits.detach().clone()
+    if checkpoint is not None and rank == 0:
+        _save_checkpoint(checkpoint, logits, state)
+    return Router(state.logits, config.method, family, depth, layout, type(scheduler).__name__,
+                  [float(t) for t in timesteps], config.threshold,
+                  f"trained by CacheKit ({config.method}, {state.iteration} iterations, l1 {config.l1})")
+
+
+def _update(loss: torch.Tensor, logits: torch.Tensor, optimizer, distributed) -> float:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if distributed is not None:
+        distributed.all_reduce(logits.grad, op=distributed.ReduceOp.SUM)
+        logits.grad /= distributed.get_world_size()
+    optimizer.step()
+    with torch.no_grad():
+        logits.clamp_(-5, 5)
+    return float(loss.detach())
+
+
+def _save_checkpoint(path: Path, logits: torch.Tensor, state: TrainState) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"logits": logits.detach().clone(), "iteration": state.iteration, "losses": state.losses,
+                "lambdas": state.lambdas, "seconds": state.seconds}, str(path))

@@ -1,0 +1,12 @@
+"""Train a learned router on a bundled model (see bench/train_router_cli.py); works under torchrun."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pack import load_pack  # noqa: E402
+
+load_pack()
+from cachekit.bench.train_router_cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    main()
