@@ -8,9 +8,10 @@ from .autotune_node import CacheKitAutotune
 from .method_nodes import CacheKitAdaptiveSkip, CacheKitDeepCache, CacheKitFORA
 from .router_node import CacheKitRouter
 from .stats_node import CacheKitStats
+from .train_router_node import CacheKitTrainRouter
 
 NODES: list[type[io.ComfyNode]] = [CacheKitDeepCache, CacheKitFORA, CacheKitAdaptiveSkip, CacheKitRouter,
-                                   CacheKitAutotune, CacheKitStats]
+                                   CacheKitTrainRouter, CacheKitAutotune, CacheKitStats]
 
 
 class CacheKitExtension(ComfyExtension):

@@ -89,15 +89,32 @@ class TrainState:
     seconds: float = 0.0
 
 
-def _ddim_step(scheduler, out: torch.Tensor, t, x: torch.Tensor) -> torch.Tensor:
-    return scheduler.step(out, t, x).prev_sample
+@dataclass
+class Sampler:
+    """How the trainer samples: start(generator, batch) -> (x, conditioning); predict(x, k, cond) ->
+    the model output the sampler uses at step k (CFG included); step(out, k, x) -> the next x."""
+    num_steps: int
+    start: Callable[[torch.Generator, int], tuple]
+    predict: Callable[[torch.Tensor, int, Any], torch.Tensor]
+    step: Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]
+
+
+def diffusers_sampler(model: torch.nn.Module, scheduler: Any, num_steps: int,
+                      make_batch: Callable[[torch.Generator, int], tuple],
+                      call: Callable[[torch.nn.Module, torch.Tensor, Any, Any], torch.Tensor]) -> Sampler:
+    """A diffusers scheduler loop: call(model, x, t, cond) is the noise prediction (CFG included)."""
+    scheduler = copy.deepcopy(scheduler)
+    scheduler.set_timesteps(num_steps)
+    timesteps = list(scheduler.timesteps)
+    return Sampler(num_steps, make_batch, lambda x, k, cond: call(model, x, timesteps[k], cond),
+                   lambda out, k, x: scheduler.step(out, timesteps[k], x).prev_sample)
 
 
 def train_router(model: torch.nn.Module, scheduler: Any, make_batch: Callable[[torch.Generator, int], tuple],
                  call: Callable[[torch.nn.Module, torch.Tensor, Any, Any], torch.Tensor], config: TrainConfig, *,
                  family: str = "dit", checkpoint: Path | None = None, resume: bool = False,
                  progress: Callable[[int, int, float], None] | None = None, distributed: Any = None) -> Router:
-    """Train and return a Router.
+    """Train a router for a diffusers DiT / PixArt transformer sampled with `scheduler`.
 
     make_batch(generator, batch) -> (x_T, conditioning); call(model, x, t, conditioning) -> the
     noise prediction used by the sampler (CFG included), as the sampling code computes it.
@@ -105,39 +122,50 @@ def train_router(model: torch.nn.Module, scheduler: Any, make_batch: Callable[[t
     its processes (each draws its own batches).
     """
     units, slots = dit_units(model)
-    layout = tuple(dict.fromkeys(u.kind for u in units.units))
-    depth = len(units) // len(layout)
-    scheduler = copy.deepcopy(scheduler)
-    scheduler.set_timesteps(config.num_steps)
-    timesteps = list(scheduler.timesteps)
-    state = TrainState(torch.zeros(config.num_steps, len(units)))
+    sampler = diffusers_sampler(model, scheduler, config.num_steps, make_batch, call)
+    model.requires_grad_(False)
+    router = train_units([slot.get() for slot in slots], [u.kind for u in units.units], sampler, config,
+                         family=family, checkpoint=checkpoint, resume=resume, progress=progress,
+                         distributed=distributed)
+    router.sampler = type(scheduler).__name__
+    return router
+
+
+def train_units(modules: list[torch.nn.Module], kinds: list[str], sampler: Sampler, config: TrainConfig, *,
+                family: str, checkpoint: Path | None = None, resume: bool = False,
+                progress: Callable[[int, int, float], None] | None = None, distributed: Any = None,
+                timesteps: list[float] | None = None) -> Router:
+    """The training loop over any host: `modules` are the unit modules, in router column order."""
+    layout = tuple(dict.fromkeys(kinds))
+    depth = len(kinds) // len(layout)
+    state = TrainState(torch.zeros(config.num_steps, len(modules)))
     if resume and checkpoint is not None and Path(checkpoint).exists():
         saved = torch.load(str(checkpoint), weights_only=True)
         state = TrainState(saved["logits"], int(saved["iteration"]), list(saved["losses"]),
                            saved.get("lambdas"), float(saved.get("seconds", 0.0)))
     else:
         g = torch.Generator().manual_seed(config.seed)
-        state.logits = torch.randn(config.num_steps, len(units), generator=g)   # as the official Router init
+        state.logits = torch.randn(config.num_steps, len(modules), generator=g)   # as the official Router init
     logits = state.logits.clone().requires_grad_(True)
     optimizer = torch.optim.AdamW([logits], lr=config.lr, weight_decay=0.0)
     rank = distributed.get_rank() if distributed is not None else 0
     g = torch.Generator().manual_seed(config.seed * 1000 + rank + state.iteration)
-    soft = SoftUnits([slot.get() for slot in slots], config.threshold)
+    soft = SoftUnits(modules, config.threshold)
     routed = routed_steps(config.method, config.num_steps)
-    model.requires_grad_(False)
     started = time.perf_counter() - state.seconds
+    steps = range(config.num_steps)
 
     def run(x, cond, mode, k, weights=None):
         soft.mode, soft.weights = mode, weights
-        return call(model, x, timesteps[k], cond)
+        return sampler.predict(x, k, cond)
 
     def trajectory(x, cond, routing: list[torch.Tensor | None]) -> torch.Tensor:
         soft.reset()
         with torch.no_grad():
-            for k, t in enumerate(timesteps):
+            for k in steps:
                 w = routing[k]
                 out = run(x, cond, "soft" if w is not None else "full", k, w)
-                x = _ddim_step(scheduler, out, t, x)
+                x = sampler.step(out, k, x)
         return x
 
     def iep_lambdas(x_T, cond) -> list[float]:
@@ -154,23 +182,23 @@ def train_router(model: torch.nn.Module, scheduler: Any, make_batch: Callable[[t
             lambdas[k] = float(((current - previous) ** 2).mean())
             previous = current
         total = sum(lambdas) or 1.0
-        return [v / total * len([r for r in routed if r]) for v in lambdas]   # mean 1 over routed steps
+        return [v / total * sum(routed) for v in lambdas]       # mean 1 over the routed steps
 
     try:
         while state.iteration < config.iterations:
             if config.minutes is not None and time.perf_counter() - started > config.minutes * 60:
                 break
-            x, cond = make_batch(g, config.batch)
+            x, cond = sampler.start(g, config.batch)
             soft.reset()
             iteration_loss = 0.0
             if config.method == "harmonica":
                 if state.lambdas is None or state.iteration % config.lambda_every == 0:
                     state.lambdas = iep_lambdas(x, cond)
-                for k, t in enumerate(timesteps):
+                for k in steps:
                     if not routed[k]:
                         with torch.no_grad():
                             out = run(x, cond, "full", k)
-                        x = _ddim_step(scheduler, out, t, x)
+                        x = sampler.step(out, k, x)
                         continue
                     with torch.no_grad():
                         reference = run(x, cond, "reference", k)
@@ -178,14 +206,14 @@ def train_router(model: torch.nn.Module, scheduler: Any, make_batch: Callable[[t
                     predicted = run(x, cond, "soft", k, w)
                     loss = ((predicted - reference) ** 2).mean() * state.lambdas[k] + config.l1 * w.sum()
                     iteration_loss += _update(loss, logits, optimizer, distributed)
-                    x = _ddim_step(scheduler, predicted.detach(), t, x)
+                    x = sampler.step(predicted.detach(), k, x)
             else:
-                candidates = [k for k in range(1, config.num_steps) if routed[k]]
+                candidates = [k for k in steps if routed[k]]
                 k = candidates[int(torch.randint(len(candidates), (1,), generator=g))]
                 with torch.no_grad():
                     for j in range(k):
                         out = run(x, cond, "full", j)       # records every unit at step k-1
-                        x = _ddim_step(scheduler, out, timesteps[j], x)
+                        x = sampler.step(out, j, x)
                     reference = run(x, cond, "reference", k)
                 w = torch.sigmoid(logits[k])
                 predicted = run(x, cond, "soft", k, w)
@@ -203,9 +231,8 @@ def train_router(model: torch.nn.Module, scheduler: Any, make_batch: Callable[[t
     state.logits = logits.detach().clone()
     if checkpoint is not None and rank == 0:
         _save_checkpoint(checkpoint, logits, state)
-    return Router(state.logits, config.method, family, depth, layout, type(scheduler).__name__,
-                  [float(t) for t in timesteps], config.threshold,
-                  f"trained by CacheKit ({config.method}, {state.iteration} iterations, l1 {config.l1})")
+    return Router(state.logits, config.method, family, depth, layout, "", [float(t) for t in timesteps or []],
+                  config.threshold, f"trained by CacheKit ({config.method}, {state.iteration} iterations, l1 {config.l1})")
 
 
 def _update(loss: torch.Tensor, logits: torch.Tensor, optimizer, distributed) -> float:
