@@ -25,7 +25,7 @@ from ..tinymodels.bundled import load, load_classifier
 from ..tinymodels.sampling import make_scheduler, sample
 from ..core.quality import psnr, ssim
 from ..tinymodels.shapes import NUM_CLASSES
-from .methods import Method, Setup, all_methods, calibrate_magcache, diffusers_magcache
+from .methods import Method, Setup, all_methods, cachekit_router, calibrate_magcache, diffusers_magcache
 from .plot import scatter
 
 
@@ -147,10 +147,16 @@ def main(argv=None):
     parser.add_argument("--cfg", type=float, default=3.0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", nargs="*", help="method names to run (default: all)")
+    parser.add_argument("--router", nargs="*", default=[], metavar="FILE[:THRESHOLD]",
+                        help="learned router files for the DiT (scripts/train_router.py), optionally with a threshold")
     parser.add_argument("--out", type=Path, default=Path("bench_out"))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    methods = [m for m in all_methods(magcache_ratios={}) if not args.only or m.name in args.only]
+    methods = all_methods(magcache_ratios={})
+    for spec in args.router:
+        path, _, threshold = spec.partition(":")
+        methods.append(cachekit_router(path, float(threshold) if threshold else None))
+    methods = [m for m in methods if not args.only or m.name in args.only]
     rows = []
     for kind in args.models:
         rows += bench_model(kind, methods, steps=args.steps, images=args.images, cfg=args.cfg, repeats=args.repeats)

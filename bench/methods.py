@@ -10,7 +10,7 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..core import apply_adaptive_skip, apply_deepcache, apply_fora
+from ..core import apply_adaptive_skip, apply_deepcache, apply_fora, apply_router
 from ..tinymodels.architectures import Denoiser
 
 
@@ -59,6 +59,18 @@ def cachekit_adaptive(delta: float, max_skip_steps: int = 4) -> Method:
         handle = apply_adaptive_skip(d.network, delta=delta, max_skip_steps=max_skip_steps, scheduler=scheduler)
         return Setup(d, finish=handle.finish_run)
     return Method("AdaptiveDiffusion", f"delta={delta} max_skip={max_skip_steps}", "CacheKit", ("dit", "unet"), install)
+
+
+def cachekit_router(path, threshold: float | None = None, label: str | None = None) -> Method:
+    """A learned router file (trained with scripts/train_router.py) on the DiT."""
+    def install(denoiser, scheduler, steps):
+        d = _copy(denoiser)
+        handle = apply_router(d.network, path, threshold=threshold, scheduler=scheduler)
+        return Setup(d, finish=handle.finish_run)
+    from ..core.routers import load_router
+    method = load_router(path).method
+    name = {"l2c": "L2C", "harmonica": "HarmoniCa"}[method]
+    return Method(name, label or (f"threshold={threshold}" if threshold else "router"), "CacheKit", ("dit",), install)
 
 
 # -- peers -----------------------------------------------------------------------------------

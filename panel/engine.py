@@ -11,15 +11,17 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..core import apply_adaptive_skip, apply_deepcache, apply_fora
-from ..tinymodels.bundled import load
+from ..core import apply_adaptive_skip, apply_deepcache, apply_fora, apply_router
+from ..tinymodels.bundled import WEIGHTS, load
 from ..tinymodels.evaluate import to_uint8
 from ..core.quality import psnr
 from ..tinymodels.sampling import make_scheduler, sample
 from ..tinymodels.shapes import CLASSES
 
 MODELS = {"dit": "Tiny DiT (FORA)", "unet": "Tiny U-Net (DeepCache)"}
-METHODS = {"dit": ("FORA", "AdaptiveDiffusion"), "unet": ("DeepCache", "AdaptiveDiffusion")}
+METHODS = {"dit": ("FORA", "AdaptiveDiffusion", "Router"), "unet": ("DeepCache", "AdaptiveDiffusion")}
+# A HarmoniCa router trained on the bundled DiT (scripts/train_router.py) for the panel's 25 steps.
+BUNDLED_ROUTER = WEIGHTS / "dit_router_harmonica_25.safetensors"
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,11 @@ def run(request: Request, progress: bool = True) -> Result:
     if request.method == "DeepCache":
         handle = apply_deepcache(denoiser.network, cache_interval=request.interval, cache_branch=request.branch,
                                  scheduler=scheduler)
+    elif request.method == "Router":
+        if not BUNDLED_ROUTER.exists():
+            raise FileNotFoundError(f"The bundled router {BUNDLED_ROUTER.name} is missing; train it with "
+                                    "scripts/train_router.py --steps 25.")
+        handle = apply_router(denoiser.network, BUNDLED_ROUTER, scheduler=scheduler)
     elif request.method == "AdaptiveDiffusion":
         handle = apply_adaptive_skip(denoiser.network, delta=request.delta, scheduler=scheduler)
     else:
