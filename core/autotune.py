@@ -26,6 +26,15 @@ METHODS = ("deepcache", "fora", "adaptive")
 TARGETS = ("psnr", "speedup")
 
 
+# Shallow branches are fastest; deeper ones keep more of the U-Net live (quality for speed).
+DEEPCACHE_BRANCHES = (0, 1, 2, 3, 4, 6, 8)
+
+
+def deepcache_branches(max_branch: int) -> list[int]:
+    """The candidate branches a U-Net with branches 0..max_branch has."""
+    return [b for b in DEEPCACHE_BRANCHES if b <= max_branch]
+
+
 def ladders(method: str, deepcache_branches: Iterable[int] = (0, 1, 2)) -> list[list[dict]]:
     """Candidate settings, as keyword arguments of the method's node / apply_* function."""
     if method == "deepcache":

@@ -13,6 +13,7 @@ from typing import Any, Callable
 import torch
 
 from .autotune import TuneResult, autotune, ladders
+from .autotune import deepcache_branches as candidate_branches
 from .diffusers_adapter import is_unet, unet_units
 from .diffusers_api import _resolve, apply_deepcache, apply_fora
 from .diffusers_step_skip import apply_adaptive_skip
@@ -22,9 +23,8 @@ APPLY = {"deepcache": apply_deepcache, "fora": apply_fora, "adaptive": apply_ada
 
 
 def deepcache_branches(model: torch.nn.Module) -> list[int]:
-    """The candidate branches (0, 1, 2) that this U-Net has."""
     units, _, layers_per_block = unet_units(model)
-    return [b for b in (0, 1, 2) if b <= max_branch(units, layers_per_block)]
+    return candidate_branches(max_branch(units, layers_per_block))
 
 
 def autotune_diffusers(target: Any, run: Callable[[], torch.Tensor], *, method: str, target_kind: str = "psnr",

@@ -8,7 +8,7 @@ import comfy.samplers
 import comfy.utils
 from comfy_api.latest import io
 
-from ..core.autotune import METHODS, TARGETS, autotune, ladders
+from ..core.autotune import METHODS, TARGETS, autotune, deepcache_branches, ladders
 from ..core.methods.deepcache import max_branch
 from . import history
 from .comfy_units import unet_layout
@@ -18,7 +18,7 @@ from .method_nodes import CATEGORY, Settings, _node_id, apply_method
 
 def _deepcache_branches(model) -> list[int]:
     layout = unet_layout(diffusion_model_of(model))
-    return [b for b in (0, 1, 2) if b <= max_branch(layout.units, layout.layers_per_block)]
+    return deepcache_branches(max_branch(layout.units, layout.layers_per_block))
 
 
 class CacheKitAutotune(io.ComfyNode):
