@@ -4,7 +4,8 @@ import torch
 
 from cachekit.bench import harness
 from cachekit.core import quality as metrics
-from cachekit.bench.methods import cachekit_adaptive, cachekit_deepcache, cachekit_fora, official_deepcache
+from cachekit.bench.methods import (cachekit_adaptive, cachekit_deepcache, cachekit_fora, cachekit_router,
+                                    official_deepcache)
 from cachekit.tinymodels.bundled import load
 from cachekit.tinymodels.sampling import make_scheduler, sample
 
@@ -33,6 +34,13 @@ def test_benchmark_reports_adaptive_step_skipping_with_its_skipped_work():
     assert adaptive["method"] == "AdaptiveDiffusion" and adaptive["hit_rate"] > 0
     # A skipped step skips the whole model call, so the FLOPs executed drop by the hit rate.
     assert adaptive["flops_executed"] == pytest.approx(1 - adaptive["hit_rate"], abs=0.01)
+
+
+def test_benchmark_reports_the_bundled_router():
+    from cachekit.panel.engine import BUNDLED_ROUTER
+    rows = harness.bench_model("dit", [cachekit_router(BUNDLED_ROUTER)], steps=25, images=2, cfg=3.0, repeats=1)
+    router = rows[1]
+    assert router["method"] == "HarmoniCa" and 0 < router["hit_rate"] < 1 and router["flops_executed"] < 1
 
 
 def test_cachekit_deepcache_reproduces_the_official_package_exactly():

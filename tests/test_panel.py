@@ -66,6 +66,14 @@ def test_adaptive_step_skipping_runs_in_the_panel_engine():
     assert 12 < result.psnr_db < float("inf")       # 7 of 12 steps skipped: visibly close, not equal
 
 
+def test_the_bundled_router_runs_in_the_panel_engine_and_refuses_other_step_counts():
+    result = engine.run(engine.Request("dit", "Router", class_name="square", steps=25, images=1), progress=False)
+    t = result.telemetry
+    assert t["method"] == "HarmoniCa" and 0 < t["hit_rate"] < 1
+    with pytest.raises(ValueError, match="trained for 25 sampling steps"):
+        engine.run(engine.Request("dit", "Router", steps=10, images=1), progress=False)
+
+
 def test_bad_requests_are_refused_with_a_clear_message():
     with pytest.raises(ValueError, match="FORA does not apply to the unet model"):
         engine.run(engine.Request(model="unet", method="FORA"))
