@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from .architectures import DIT_CONFIG, UNET_CONFIG
 from .bundled import WEIGHTS, load, load_classifier, weights_path
 from .classifier import accuracy
 from .sampling import sample
@@ -49,6 +50,15 @@ def evaluate(kind: str, n: int = 256, steps: int = 50, cfg: float = 3.0, seed: i
     return result
 
 
+ARCHITECTURES = {
+    "dit": (f"diffusers DiTTransformer2DModel, {DIT_CONFIG['num_layers']} blocks, hidden "
+            f"{DIT_CONFIG['num_attention_heads'] * DIT_CONFIG['attention_head_dim']} ({DIT_CONFIG['num_attention_heads']} "
+            f"heads), patch {DIT_CONFIG['patch_size']}, adaLN-Zero"),
+    "unet": (f"diffusers UNet2DConditionModel, channels {UNET_CONFIG['block_out_channels']}, cross-attention to "
+             "4 class tokens at 16x16 and 8x8"),
+}
+
+
 def write_model_card() -> str:
     parts = ["# Bundled tiny models\n",
              "Trained by `scripts/train_tiny.py` on CPU from procedural 32x32 images (`tinymodels/shapes.py`): "
@@ -66,9 +76,15 @@ def write_model_card() -> str:
         t = json.loads(train_file.read_text())
         size = weights_path(kind).stat().st_size / 2 ** 20 if weights_path(kind).exists() else 0
         parts.append(f"\n## {kind}\n")
+        if kind in ARCHITECTURES:
+            parts.append(f"- architecture: {ARCHITECTURES[kind]}\n")
         parts.append(f"- parameters: {t['params']:,} ({size:.1f} MiB fp16)\n- training: {t['steps']} steps, "
                      f"batch {t['batch']}, lr {t['lr']}, EMA {t['ema_decay']}, {t['train_minutes']} CPU-minutes "
                      f"(one thread)\n- final training loss (mean of the last 100 steps): {t['final_loss']:.4f}\n")
+        if t.get("teacher_steps"):
+            parts.append(f"- of these, {t['teacher_steps']} steps regressed onto the bundled {t['teacher']}'s noise "
+                         "prediction for the same noisy image, label and timestep (`--teacher`) instead of onto "
+                         "the sampled noise\n")
         if "heldout_accuracy" in t:
             parts.append(f"- accuracy on 2048 fresh generator images: {t['heldout_accuracy']:.1%}\n")
         if eval_file.exists():
