@@ -85,6 +85,10 @@ def write_model_card() -> str:
             parts.append(f"- of these, {t['teacher_steps']} steps regressed onto the bundled {t['teacher']}'s noise "
                          "prediction for the same noisy image, label and timestep (`--teacher`) instead of onto "
                          "the sampled noise\n")
+        for line in t.get("history", []):
+            parts.append(f"- history: {line}\n")
+        if t.get("shipped_weights"):
+            parts.append(f"- shipped weights: {t['shipped_weights']}\n")
         if "heldout_accuracy" in t:
             parts.append(f"- accuracy on 2048 fresh generator images: {t['heldout_accuracy']:.1%}\n")
         if eval_file.exists():
