@@ -3,8 +3,9 @@
     python scripts/train_router.py --model dit --method harmonica --steps 20 --minutes 10 --out routers/tiny_dit.safetensors
     torchrun --nproc_per_node 2 scripts/train_router.py --model dit ...     # several processes (gloo on CPU)
 
---model dit trains for the bundled tiny DiT (DDIM, CFG 3); --pipeline DIR for a diffusers DiT /
-PixArt pipeline saved on disk (class-conditional DiT only, here). A checkpoint next to the
+--model dit trains for the bundled tiny DiT (DDIM, CFG 3); --pipeline DIR for a diffusers
+DiTPipeline saved on disk (its scheduler, CFG 4). In ComfyUI, the Train Router node covers
+PixArt, Wan, SD3, Flux and Chroma. A checkpoint next to the
 output (.ckpt.pt) lets --resume continue. Output: CacheKit's router format.
 """
 from __future__ import annotations
@@ -38,6 +39,28 @@ def bundled_dit(cfg: float = 3.0):
     return denoiser.network, make_scheduler(20), make_batch, call
 
 
+def dit_pipeline(path: str, cfg: float = 4.0):
+    """A diffusers DiTPipeline saved on disk (class-conditional, ImageNet-style null class 1000)."""
+    from diffusers import DiTPipeline
+    if not Path(path).is_dir():
+        raise SystemExit(f"--pipeline must be a folder with a saved DiTPipeline (save_pretrained); got {path}")
+    pipe = DiTPipeline.from_pretrained(path, local_files_only=True)
+    model = pipe.transformer.eval()
+    channels, size = model.config.in_channels, model.config.sample_size
+    classes = model.config.num_embeds_ada_norm
+
+    def make_batch(g, batch):
+        labels = torch.randint(0, classes, (batch,), generator=g)
+        return torch.randn(batch, channels, size, size, generator=g), torch.cat([labels, torch.full_like(labels, 1000)])
+
+    def call(m, x, t, both):
+        # As DiTPipeline: conditional half first, guidance on the first `channels` outputs.
+        out = m(torch.cat([x, x]), timestep=t.expand(2 * x.shape[0]), class_labels=both, return_dict=False)[0]
+        cond, uncond = out[:, :channels].chunk(2)
+        return uncond + cfg * (cond - uncond)
+    return model, pipe.scheduler, make_batch, call
+
+
 def _distributed():
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
@@ -49,7 +72,9 @@ def _distributed():
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Train a CacheKit router.")
-    parser.add_argument("--model", choices=("dit",), default="dit", help="a bundled model")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", choices=("dit",), default="dit", help="a bundled model")
+    source.add_argument("--pipeline", help="a diffusers DiTPipeline saved on disk (local only)")
     parser.add_argument("--method", choices=("harmonica", "l2c"), default="harmonica")
     parser.add_argument("--steps", type=int, default=20, help="sampling steps the router is for")
     parser.add_argument("--iterations", type=int, default=200)
@@ -65,7 +90,7 @@ def main(argv=None):
     dist = _distributed()
     rank = dist.get_rank() if dist is not None else 0
     torch.set_num_threads(1 if dist is not None else max(1, torch.get_num_threads()))
-    model, scheduler, make_batch, call = bundled_dit()
+    model, scheduler, make_batch, call = dit_pipeline(args.pipeline) if args.pipeline else bundled_dit()
     config = TrainConfig(args.method, args.steps, args.iterations, args.batch, args.lr, args.l1, args.threshold,
                          seed=args.seed, minutes=args.minutes)
     bar = tqdm(total=args.iterations, desc=f"router ({args.method})", disable=rank != 0)
@@ -75,7 +100,7 @@ def main(argv=None):
         bar.set_postfix(loss=f"{loss:.2e}")
         bar.refresh()
     checkpoint = args.out.with_suffix(".ckpt.pt")
-    router = train_router(model, scheduler, make_batch, call, config, family="dit", checkpoint=checkpoint,
+    router = train_router(model, scheduler, make_batch, call, config, family=type(model).__name__, checkpoint=checkpoint,
                           resume=args.resume, progress=progress, distributed=dist)
     bar.close()
     if rank == 0:

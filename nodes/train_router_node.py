@@ -40,6 +40,17 @@ def _output_path(name: str) -> str:
     return os.path.join(folder, name)
 
 
+def _soft_block(holder: dict, index: int):
+    """A patches_replace["dit"] entry that routes a whole block softly during training."""
+    def replace(args: dict, extra: dict) -> dict:
+        fresh = extra["original_block"](args)
+        # MMDiT's last block returns no text stream: route only the streams that come back.
+        keys = [k for k in ("img", "txt") if k in args and fresh.get(k) is not None]
+        unit_input = {k: args[k] for k in keys}
+        return {**fresh, **holder["soft"].apply(index, {k: fresh[k] for k in keys}, unit_input)}
+    return replace
+
+
 def _trainable_copy(module: torch.nn.Module) -> torch.nn.Module:
     """A copy whose parameters and buffers are ordinary tensors (usable by autograd)."""
     with torch.inference_mode(False):
@@ -64,7 +75,7 @@ class CacheKitTrainRouter(io.ComfyNode):
             description=("Trains a learned router for this model, prompt and step count, without images: HarmoniCa's "
                          "step-wise denoising training with its image error proxy, or the Learning-to-Cache objective. "
                          f"Saves it to models/{FOLDER}/ and outputs the model with it applied. Sampler: Euler steps "
-                         "on the chosen scheduler's sigmas. PixArt and Wan (per-sub-layer units)."),
+                         "on the chosen scheduler's sigmas. Per sub-layer on PixArt and Wan, per block on SD3, Flux and Chroma."),
             inputs=[
                 io.Model.Input("model"),
                 io.Conditioning.Input("positive"),
@@ -91,13 +102,17 @@ class CacheKitTrainRouter(io.ComfyNode):
                 router_name) -> io.NodeOutput:
         path = _output_path(router_name)
         layout = dit_layout(diffusion_model_of(model))
-        if any(slot.how != "proxy" for slot in layout.slots):
-            raise ValueError("Train Router supports models whose sub-layers are separate modules (PixArt, Wan); "
-                             "SD3 / Flux / Chroma blocks are not trainable here yet.")
         trainee = model.clone()
         twin = _trainable_copy(diffusion_model_of(model))
         trainee.add_object_patch("diffusion_model", twin)
-        modules = [trainee.get_model_object(slot.path) for slot in layout.slots]
+        # PixArt / Wan sub-layers are modules (forward hooks); SD3 / Flux / Chroma blocks are
+        # reached through patches_replace["dit"] and trained as residual units.
+        modules = [trainee.get_model_object(slot.path) if slot.how == "proxy" else None for slot in layout.slots]
+        holder = {}
+        for index, slot in enumerate(layout.slots):
+            if slot.how == "dit":
+                key, number = slot.dit_key
+                trainee.set_model_patch_replace(_soft_block(holder, index), "dit", key, number)
         kinds = [u.kind for u in layout.units.units]
         config = TrainConfig(method, steps, iterations, int(latent_image["samples"].shape[0]), lr, l1, 0.5, seed=seed)
         bar = comfy.utils.ProgressBar(iterations)
@@ -113,7 +128,11 @@ class CacheKitTrainRouter(io.ComfyNode):
                 return model_sampling.noise_scaling(sigmas[0], noise, torch.zeros_like(x), True), None
 
             def predict(xk, k, cond):
-                return model_k(xk, sigmas[k] * s_in, **extra_args)
+                # Flux and Chroma blocks update activations in place (`x += ...`) after using them;
+                # tensors kept for the backward pass are copied when kept, so those updates
+                # cannot corrupt them (costs memory, only while training).
+                with torch.autograd.graph.saved_tensors_hooks(torch.clone, lambda t: t):
+                    return model_k(xk, sigmas[k] * s_in, **extra_args)
 
             def step(denoised, k, xk):
                 sigma, following = sigmas[k], sigmas[k + 1]
@@ -123,7 +142,8 @@ class CacheKitTrainRouter(io.ComfyNode):
             with torch.inference_mode(False), torch.enable_grad():
                 result["router"] = train_units(modules, kinds, sampler, config, family=layout.units.family,
                                                progress=lambda done, total, loss: bar.update_absolute(done, total),
-                                               timesteps=[float(s) for s in sigmas[:-1]])
+                                               timesteps=[float(s) for s in sigmas[:-1]],
+                                               on_units=lambda soft: holder.__setitem__("soft", soft))
             return x
 
         latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])

@@ -255,3 +255,21 @@ dist.destroy_process_group()
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert torch.equal(rank0, rank1)
     assert not torch.equal(rank0, torch.randn(4, 4, generator=torch.Generator().manual_seed(0)))
+
+
+def test_cli_trains_a_router_for_a_pipeline_saved_on_disk(tmp_path):
+    from diffusers import AutoencoderKL, DiTPipeline
+    transformer = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                        num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=1000)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,),
+                        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+                        norm_num_groups=8, sample_size=8)
+    DiTPipeline(transformer=transformer, vae=vae, scheduler=DDIMScheduler()).save_pretrained(tmp_path / "pipe")
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_router.py"), "--pipeline", str(tmp_path / "pipe"),
+                             "--method", "l2c", "--steps", "4", "--iterations", "3", "--batch", "2",
+                             "--out", str(tmp_path / "r.safetensors")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    router = load_router(tmp_path / "r.safetensors")
+    assert router.num_steps == 4 and router.depth == 2 and router.method == "l2c"
+    handle = apply_router(DiTPipeline.from_pretrained(tmp_path / "pipe").transformer, router, num_inference_steps=4)
+    handle.remove()

@@ -29,34 +29,45 @@ from typing import Any, Callable
 import torch
 
 from ..diffusers_adapter import dit_units
+from ..streams import Tree, tree_map
 from ..methods.router import routed_steps
 from .format import Router
 
 
 class SoftUnits:
-    """Forward hooks on the unit modules that implement full / reference / soft-routed calls."""
+    """The units during training: full / reference / soft-routed calls, by forward hooks on unit
+    modules or through `apply` from a host's block replacement (residual units)."""
 
-    def __init__(self, modules: list[torch.nn.Module], threshold: float):
+    def __init__(self, modules: list[torch.nn.Module | None], threshold: float):
         self.mode = "full"
         self.weights: torch.Tensor | None = None
         self.threshold = threshold
-        self.cache: list[torch.Tensor | None] = [None] * len(modules)
-        self._hooks = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(modules)]
+        self.cache: list[Any] = [None] * len(modules)
+        self._hooks = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(modules) if m is not None]
 
     def _hook(self, index: int):
         def hook(module, args, output):
-            if self.mode == "reference":            # computed, cache untouched
-                return output
-            cached = self.cache[index]
-            if self.mode == "full" or cached is None or cached.shape != output.shape:
-                self.cache[index] = output.detach()
-                return output
-            w = self.weights[index]
-            out = w * output + (1 - w) * cached
-            if float(w.detach()) > self.threshold:  # the sub-layer would be recomputed: refresh
-                self.cache[index] = out.detach()
-            return out
+            return self.apply(index, output)
         return hook
+
+    def apply(self, index: int, fresh: Tree, unit_input: Tree | None = None) -> Tree:
+        """A unit's output this call. With unit_input, the unit is residual: what is cached and
+        reused is output minus input (whole blocks whose gates are inside the block)."""
+        if self.mode == "reference":                # computed, cache untouched
+            return fresh
+        residual = unit_input is not None
+        cached = self.cache[index]
+        if self.mode == "full" or cached is None or not _same_shapes(cached, fresh):
+            self.cache[index] = tree_map(lambda f, x: (f - x).detach(), fresh, unit_input) if residual \
+                else tree_map(torch.Tensor.detach, fresh)
+            return fresh
+        w = self.weights[index]
+        reuse = tree_map(torch.add, unit_input, cached) if residual else cached
+        out = tree_map(lambda f, r: w * f + (1 - w) * r, fresh, reuse)
+        if float(w.detach()) > self.threshold:      # the sub-layer would be recomputed: refresh
+            self.cache[index] = tree_map(lambda o, x: (o - x).detach(), out, unit_input) if residual \
+                else tree_map(torch.Tensor.detach, out)
+        return out
 
     def reset(self) -> None:
         self.cache = [None] * len(self.cache)
@@ -64,6 +75,14 @@ class SoftUnits:
     def remove(self) -> None:
         for hook in self._hooks:
             hook.remove()
+
+
+def _same_shapes(a: Tree, b: Tree) -> bool:
+    shapes = []
+    tree_map(lambda x: shapes.append(tuple(x.shape)), a)
+    other = []
+    tree_map(lambda x: other.append(tuple(x.shape)), b)
+    return shapes == other
 
 
 @dataclass
@@ -131,11 +150,13 @@ def train_router(model: torch.nn.Module, scheduler: Any, make_batch: Callable[[t
     return router
 
 
-def train_units(modules: list[torch.nn.Module], kinds: list[str], sampler: Sampler, config: TrainConfig, *,
+def train_units(modules: list[torch.nn.Module | None], kinds: list[str], sampler: Sampler, config: TrainConfig, *,
                 family: str, checkpoint: Path | None = None, resume: bool = False,
                 progress: Callable[[int, int, float], None] | None = None, distributed: Any = None,
-                timesteps: list[float] | None = None) -> Router:
-    """The training loop over any host: `modules` are the unit modules, in router column order."""
+                timesteps: list[float] | None = None, on_units: Callable[[SoftUnits], None] | None = None) -> Router:
+    """The training loop over any host: `modules` are the unit modules, in router column order
+    (None for a unit the host routes through SoftUnits.apply itself; on_units(soft) lets it
+    hold on to the SoftUnits)."""
     layout = tuple(dict.fromkeys(kinds))
     depth = len(kinds) // len(layout)
     state = TrainState(torch.zeros(config.num_steps, len(modules)))
@@ -151,6 +172,8 @@ def train_units(modules: list[torch.nn.Module], kinds: list[str], sampler: Sampl
     rank = distributed.get_rank() if distributed is not None else 0
     g = torch.Generator().manual_seed(config.seed * 1000 + rank + state.iteration)
     soft = SoftUnits(modules, config.threshold)
+    if on_units is not None:
+        on_units(soft)
     routed = routed_steps(config.method, config.num_steps)
     started = time.perf_counter() - state.seconds
     steps = range(config.num_steps)

@@ -56,33 +56,35 @@ def test_router_that_does_not_fit_is_refused(comfy, router_dir):
         comfy.run(g.prompt, comfy.fresh_executor())
 
 
-@pytest.mark.parametrize("method", ["harmonica", "l2c"])
-def test_router_trained_by_the_node_applies_with_the_router_node(comfy, router_dir, method):
+@pytest.mark.parametrize("family, method", [("pixart", "harmonica"), ("pixart", "l2c"), ("wan", "harmonica"),
+                                            ("mmdit", "l2c"), ("flux", "harmonica")])
+def test_router_trained_by_the_node_applies_with_the_router_node(comfy, router_dir, family, method):
     from .comfy_graph import RESULTS
-    original = tiny("pixart").patcher
+    original = tiny(family).patcher
     before = {k: v.clone() for k, v in original.get_model_object("diffusion_model").state_dict().items()}
-    g = Graph("pixart")
+    g = Graph(family)
     train = g.add("CacheKitTrainRouter", model=g.model, positive=[g.loader, 1], negative=[g.loader, 2],
                   latent_image=[g.loader, 3], seed=3, steps=STEPS, cfg=2.0, scheduler="normal", method=method,
-                  iterations=3, l1=1e-3, lr=0.05, router_name=f"trained_{method}")
+                  iterations=3, l1=1e-3, lr=0.05, router_name=f"trained_{family}_{method}")
     g.add("CKTestCaptureString", value=[train, 1], key=f"train-{method}-report")
     comfy.run(g.prompt, comfy.fresh_executor())
-    saved = router_dir / f"trained_{method}.safetensors"
+    saved = router_dir / f"trained_{family}_{method}.safetensors"
     assert saved.exists() and f"Trained a {method} router" in RESULTS[f"train-{method}-report"]
     router = comfy.pack("core.routers").load_router(saved)
-    assert router.method == method and router.num_steps == STEPS and router.layout == ("attn", "cross_attn", "mlp")
+    layout = ("attn", "cross_attn", "mlp") if family in ("pixart", "wan") else ("block",)
+    assert router.method == method and router.num_steps == STEPS and router.layout == layout
     initial = torch.randn(router.logits.shape, generator=torch.Generator().manual_seed(3))
     assert not torch.allclose(router.logits, initial)       # the gradient reached the logits through ComfyUI
     # The saved router through the Learned Router node, on the original (untouched) model.
-    g = Graph("pixart").patch("CacheKitRouter", router_name=saved.name, threshold=0.0)
-    g.sample(f"trained-{method}", steps=STEPS, cfg=2.0)
+    g = Graph(family).patch("CacheKitRouter", router_name=saved.name, threshold=0.0)
+    g.sample(f"trained-{family}-{method}", steps=STEPS, cfg=2.0)
     comfy.run(g.prompt, comfy.fresh_executor())
     run = comfy.pack("nodes.history").last()
     routed = comfy.pack("core.methods.router").routed_steps(method, STEPS)
     expected = (~router.recompute()).tolist()
     for k in range(STEPS):
         assert [r > 0 for r in run.reused[k]] == (expected[k] if routed[k] else [False] * len(expected[k])), k
-    assert torch.isfinite(RESULTS[f"trained-{method}"]).all()
+    assert torch.isfinite(RESULTS[f"trained-{family}-{method}"]).all()
     # Training worked on a copy: the user's model and its patcher are untouched.
     after = original.get_model_object("diffusion_model").state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
