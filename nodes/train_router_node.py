@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
+from pathlib import Path
 
 import comfy.sample
 import comfy.samplers
@@ -92,6 +93,9 @@ class CacheKitTrainRouter(io.ComfyNode):
                                tooltip="Pressure towards reuse; higher = faster, lower quality."),
                 io.Float.Input("lr", default=0.01, min=1e-5, max=1.0, step=1e-4, round=1e-5),
                 io.String.Input("router_name", default="my_router"),
+                io.Boolean.Input("resume", default=False, optional=True,
+                                 tooltip="Continue from this router's checkpoint (<router_name>.ckpt.pt, written every "
+                                         "20 iterations and at the end) up to `iterations` in all."),
             ],
             outputs=[io.Model.Output(tooltip="The model with the trained router."), io.String.Output(display_name="report")],
             hidden=[io.Hidden.unique_id],
@@ -99,8 +103,9 @@ class CacheKitTrainRouter(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, scheduler, method, iterations, l1, lr,
-                router_name) -> io.NodeOutput:
+                router_name, resume=False) -> io.NodeOutput:
         path = _output_path(router_name)
+        checkpoint = Path(path).with_suffix(".ckpt.pt")
         layout = dit_layout(diffusion_model_of(model))
         trainee = model.clone()
         twin = _trainable_copy(diffusion_model_of(model))
@@ -143,7 +148,8 @@ class CacheKitTrainRouter(io.ComfyNode):
                 result["router"] = train_units(modules, kinds, sampler, config, family=layout.units.family,
                                                progress=lambda done, total, loss: bar.update_absolute(done, total),
                                                timesteps=[float(s) for s in sigmas[:-1]],
-                                               on_units=lambda soft: holder.__setitem__("soft", soft))
+                                               on_units=lambda soft: holder.__setitem__("soft", soft),
+                                               checkpoint=checkpoint, resume=resume)
             return x
 
         latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])

@@ -85,7 +85,22 @@ def test_router_trained_by_the_node_applies_with_the_router_node(comfy, router_d
     for k in range(STEPS):
         assert [r > 0 for r in run.reused[k]] == (expected[k] if routed[k] else [False] * len(expected[k])), k
     assert torch.isfinite(RESULTS[f"trained-{family}-{method}"]).all()
+    assert (router_dir / f"trained_{family}_{method}.ckpt.pt").exists()
     # Training worked on a copy: the user's model and its patcher are untouched.
     after = original.get_model_object("diffusion_model").state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert "diffusion_model" not in original.object_patches
+
+
+def test_train_router_node_resumes_from_its_checkpoint(comfy, router_dir):
+    def train(iterations, resume):
+        g = Graph("pixart")
+        node = g.add("CacheKitTrainRouter", model=g.model, positive=[g.loader, 1], negative=[g.loader, 2],
+                     latent_image=[g.loader, 3], seed=1, steps=STEPS, cfg=2.0, scheduler="normal", method="l2c",
+                     iterations=iterations, l1=1e-3, lr=0.05, router_name="resumed", resume=resume)
+        g.add("CKTestCaptureString", value=[node, 1], key=f"resume-{iterations}")
+        comfy.run(g.prompt, comfy.fresh_executor())
+        return comfy.pack("core.routers").load_router(router_dir / "resumed.safetensors")
+    train(2, False)
+    assert "2 iterations" in train(2, False).source
+    assert "4 iterations" in train(4, True).source       # two more, on top of the checkpoint
