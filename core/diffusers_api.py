@@ -33,7 +33,36 @@ _HANDLE_ATTR = "_cachekit_handle"
 STEP_SKIP_ATTR = "_cachekit_step_skip"   # a step-skip handle may sit on top of a unit cache
 
 
-class CacheHandle:
+class RunRecorder:
+    """A handle's runs: the session of the run in progress and the last finished runs."""
+
+    session: Any = None
+    runs: list[RunTelemetry]
+
+    @property
+    def telemetry(self) -> RunTelemetry | None:
+        """The current run's telemetry, or the last finished run's."""
+        if self.session is not None:
+            return self.session.telemetry
+        return self.runs[-1] if self.runs else None
+
+    def finish_run(self) -> RunTelemetry | None:
+        """End the current run now (it also ends when the next run starts)."""
+        if self.session is None:
+            return None
+        telemetry = self.session.close()
+        self.runs = (self.runs + [telemetry])[-16:]
+        self.session = None
+        return telemetry
+
+
+def call_timestep(args: tuple, kwargs: dict) -> float | None:
+    """The timestep of a diffusers model call (keyword `timestep` or the second positional)."""
+    t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+    return float(torch.as_tensor(t).flatten()[0]) if t is not None else None
+
+
+class CacheHandle(RunRecorder):
     """A method applied to one diffusers model. `remove()` restores the model exactly."""
 
     def __init__(self, model: torch.nn.Module, units: UnitMap, slots: list[UnitSlot], policy: Policy,
@@ -60,22 +89,6 @@ class CacheHandle:
         self._scopes: list[Any] = []
         setattr(model, _HANDLE_ATTR, self)
 
-    @property
-    def telemetry(self) -> RunTelemetry | None:
-        """The current run's telemetry, or the last finished run's."""
-        if self.session is not None:
-            return self.session.telemetry
-        return self.runs[-1] if self.runs else None
-
-    def finish_run(self) -> RunTelemetry | None:
-        """End the current run now (it also ends when the next run starts)."""
-        if self.session is None:
-            return None
-        telemetry = self.session.close()
-        self.runs = (self.runs + [telemetry])[-16:]
-        self.session = None
-        return telemetry
-
     def remove(self) -> None:
         self.finish_run()
         for hook in self._hooks:
@@ -87,9 +100,7 @@ class CacheHandle:
 
     # -- per call --
     def _before_call(self, module, args, kwargs):
-        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-        t = float(torch.as_tensor(t).flatten()[0]) if t is not None else None
-        session, sigma = self._session_for(t)
+        session, sigma = self._session_for(call_timestep(args, kwargs))
         x = first_tensor(args) if args else first_tensor(kwargs)
         samples = x.shape[0] if x is not None else 1
         profile_key = (self.model, input_signature(x, SINGLE_STREAM)) if x is not None else None

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .diffusers_api import STEP_SKIP_ATTR, StepTracker, _resolve
+from .diffusers_api import STEP_SKIP_ATTR, RunRecorder, StepTracker, _resolve, call_timestep
 from .methods.adaptive import AdaptiveConfig
 from .step_skip import StepSkipSession
 from .streams import first_tensor
@@ -32,7 +32,7 @@ _OWNER_IDS = itertools.count()
 _INPUT_NAMES = ("sample", "hidden_states", "x")
 
 
-class StepSkipHandle:
+class StepSkipHandle(RunRecorder):
     def __init__(self, model: torch.nn.Module, config: AdaptiveConfig, scheduler: Any = None,
                  num_inference_steps: int | None = None):
         self.model = model
@@ -49,20 +49,6 @@ class StepSkipHandle:
         model.forward = functools.wraps(self._previous_forward)(lambda *a, **k: self._forward(*a, **k))
         setattr(model, STEP_SKIP_ATTR, self)
 
-    @property
-    def telemetry(self) -> RunTelemetry | None:
-        if self.session is not None:
-            return self.session.telemetry
-        return self.runs[-1] if self.runs else None
-
-    def finish_run(self) -> RunTelemetry | None:
-        if self.session is None:
-            return None
-        telemetry = self.session.close()
-        self.runs = (self.runs + [telemetry])[-16:]
-        self.session = None
-        return telemetry
-
     def remove(self) -> None:
         self.finish_run()
         if self._had_instance_forward:
@@ -73,8 +59,7 @@ class StepSkipHandle:
             delattr(self.model, STEP_SKIP_ATTR)
 
     def _forward(self, *args, **kwargs):
-        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-        t = float(torch.as_tensor(t).flatten()[0]) if t is not None else None
+        t = call_timestep(args, kwargs)
         x = args[0] if args and isinstance(args[0], torch.Tensor) else next(
             (kwargs[name] for name in _INPUT_NAMES if isinstance(kwargs.get(name), torch.Tensor)), first_tensor(kwargs))
         new_run, _, sigma = self._tracker.locate(t, self.session is not None)
