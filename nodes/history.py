@@ -87,10 +87,10 @@ def start(owner: str, node_id: str | None, telemetry: RunTelemetry) -> LiveRun:
 
 
 def recent() -> list[dict]:
-    """Newest last: {"owner", "node_id", "finished", "telemetry", "record"}."""
+    """Newest last: {"owner", "node_id", "finished", "telemetry"}."""
     with _lock:
         runs = list(_runs)
-    return [{"owner": r.owner, "node_id": r.node_id, "finished": r.finished, "telemetry": r.telemetry, "record": r}
+    return [{"owner": r.owner, "node_id": r.node_id, "finished": r.finished, "telemetry": r.telemetry}
             for r in runs]
 
 
