@@ -196,38 +196,33 @@ def fora_flux(name):
     w.save(name)
 
 
-def fora_pixart(name):
+def _pixart(name, patch_type, widgets, note):
+    """PixArt Sigma text-to-image with one CacheKit node (FORA or a router) on the model."""
     w = Workflow()
     model, clip, vae = _unet_clip_vae(w, "PixArt-Sigma-XL-2-1024-MS.pth", "t5xxl_fp16.safetensors", "pixart",
                                       "sdxl_vae.safetensors")
     pos = w.node("CLIPTextEncode", [PROMPT], pos=(380, 0), clip=(clip, 0, "CLIP"))
     neg = w.node("CLIPTextEncode", [NEG], pos=(380, 200), clip=(clip, 0, "CLIP"))
     latent = w.node("EmptyLatentImage", [1024, 1024, 1], pos=(380, 400))
-    fora = w.node("CacheKitFORA", FORA, pos=(700, 100), model=(model, 0, "MODEL"))
-    ks = _sample_and_save(w, fora, pos, neg, latent, (vae, 0, "VAE"), sampler=(20, 4.5, "euler", "normal"))
-    _stats(w, fora, ks)
-    w.note("FORA on PixArt α/Σ with the official semantics: each block's self-attention, cross-attention and MLP "
-           "outputs are cached before their adaLN gates, so every step still applies its own gates.", pos=(0, 620))
+    patched = w.node(patch_type, widgets, pos=(700, 100), model=(model, 0, "MODEL"))
+    ks = _sample_and_save(w, patched, pos, neg, latent, (vae, 0, "VAE"), sampler=(20, 4.5, "euler", "normal"))
+    _stats(w, patched, ks)
+    w.note(note, pos=(0, 620))
     w.save(name)
+
+
+def fora_pixart(name):
+    _pixart(name, "CacheKitFORA", FORA,
+            "FORA on PixArt α/Σ with the official semantics: each block's self-attention, cross-attention and MLP "
+            "outputs are cached before their adaLN gates, so every step still applies its own gates.")
 
 
 def router_pixart(name):
-    w = Workflow()
-    model, clip, vae = _unet_clip_vae(w, "PixArt-Sigma-XL-2-1024-MS.pth", "t5xxl_fp16.safetensors", "pixart",
-                                      "sdxl_vae.safetensors")
-    pos = w.node("CLIPTextEncode", [PROMPT], pos=(380, 0), clip=(clip, 0, "CLIP"))
-    neg = w.node("CLIPTextEncode", [NEG], pos=(380, 200), clip=(clip, 0, "CLIP"))
-    latent = w.node("EmptyLatentImage", [1024, 1024, 1], pos=(380, 400))
-    routed = w.node("CacheKitRouter", ["pixart_sigma_20steps_harmonica.safetensors", 0.0], pos=(700, 100),
-                    model=(model, 0, "MODEL"))
-    ks = _sample_and_save(w, routed, pos, neg, latent, (vae, 0, "VAE"), sampler=(20, 4.5, "euler", "normal"))
-    _stats(w, routed, ks)
-    w.note("A learned router (Learning-to-Cache or HarmoniCa) decides per step and sub-layer whether to recompute "
-           "or reuse. Put router files in models/cachekit_routers/: CacheKit's .safetensors routers, or official "
-           "L2C .pt files. A router only fits the model and step count it was trained for (here PixArt Σ at 20 "
-           "steps; the node says what does not fit). threshold 0 uses the router's own; higher reuses more.",
-           pos=(0, 620))
-    w.save(name)
+    _pixart(name, "CacheKitRouter", ["pixart_sigma_20steps_harmonica.safetensors", 0.0],
+            "A learned router (Learning-to-Cache or HarmoniCa) decides per step and sub-layer whether to recompute "
+            "or reuse. Put router files in models/cachekit_routers/: CacheKit's .safetensors routers, or official "
+            "L2C .pt files. A router only fits the model and step count it was trained for (here PixArt Σ at 20 "
+            "steps; the node says what does not fit). threshold 0 uses the router's own; higher reuses more.")
 
 
 def fora_wan(name):
