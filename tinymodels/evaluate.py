@@ -79,12 +79,17 @@ def write_model_card() -> str:
         if kind in ARCHITECTURES:
             parts.append(f"- architecture: {ARCHITECTURES[kind]}\n")
         parts.append(f"- parameters: {t['params']:,} ({size:.1f} MiB fp16)\n- training: {t['steps']} steps, "
-                     f"batch {t['batch']}, lr {t['lr']}, EMA {t['ema_decay']}, {t['train_minutes']} CPU-minutes "
-                     f"(one thread)\n- final training loss (mean of the last 100 steps): {t['final_loss']:.4f}\n")
+                     f"batch {t['batch']}, lr {t['lr']}, EMA {t['ema_decay']}, {t['train_minutes']} minutes "
+                     f"on CPU (one training thread; `--teacher` runs add a process on a second core)\n- final training loss (mean of the last 100 steps): {t['final_loss']:.4f}\n")
         if t.get("teacher_steps"):
             parts.append(f"- of these, {t['teacher_steps']} steps regressed onto the bundled {t['teacher']}'s noise "
                          "prediction for the same noisy image, label and timestep (`--teacher`) instead of onto "
                          "the sampled noise\n")
+        if t.get("min_snr"):
+            parts.append(f"- loss weighted by min(SNR, {t['min_snr']:g}) / SNR (`--min-snr`)\n")
+        if t.get("lr_decay"):
+            parts.append(f"- learning rate annealed (cosine, to a tenth) over the last {t['lr_decay']:.0%} of the "
+                         "latest run (`--decay`)\n")
         for line in t.get("history", []):
             parts.append(f"- history: {line}\n")
         if t.get("shipped_weights"):
