@@ -80,7 +80,8 @@ def write_model_card() -> str:
             parts.append(f"- architecture: {ARCHITECTURES[kind]}\n")
         parts.append(f"- parameters: {t['params']:,} ({size:.1f} MiB fp16)\n- training: {t['steps']} steps, "
                      f"batch {t['batch']}, lr {t['lr']}, EMA {t['ema_decay']}, {t['train_minutes']} minutes "
-                     f"on CPU (one training thread; `--teacher` runs add a process on a second core)\n- final training loss (mean of the last 100 steps): {t['final_loss']:.4f}\n")
+                     f"on CPU (one training thread; `--teacher` runs add a process on a second core)\n"
+                     f"- final training loss (mean of the last 100 steps): {t['final_loss']:.4f}\n")
         if t.get("teacher_steps"):
             parts.append(f"- of these, {t['teacher_steps']} steps regressed onto the bundled {t['teacher']}'s noise "
                          "prediction for the same noisy image, label and timestep (`--teacher`) instead of onto "

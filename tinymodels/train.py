@@ -228,7 +228,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--teacher", choices=("unet", "dit"), help="regress onto this bundled model's noise prediction")
     parser.add_argument("--min-snr", type=float, help="weight the loss by min(SNR, G) / SNR (e.g. 5)")
-    parser.add_argument("--decay", type=float, default=0.0, help="cosine-anneal the lr over this last fraction of the run")
+    parser.add_argument("--decay", type=float, default=0.0,
+                        help="cosine-anneal the lr over this last fraction of the run")
     args = parser.parse_args(argv)
     record = train(args.kind, args.minutes, out=args.out, resume=args.resume, seed=args.seed, lr=args.lr,
                    batch=args.batch, teacher=args.teacher, min_snr=args.min_snr, lr_decay=args.decay)
