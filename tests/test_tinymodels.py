@@ -23,7 +23,7 @@ def test_classifier_recognises_generator_images():
         assert (load_classifier()(images).argmax(1) == labels).float().mean() > 0.97
 
 
-def test_models_sample_the_requested_class_more_often_than_chance():
+def test_models_sample_the_requested_class():
     classifier = load_classifier()
     labels = torch.arange(4 * NUM_CLASSES) % NUM_CLASSES
     for kind in ("dit", "unet"):
@@ -31,4 +31,5 @@ def test_models_sample_the_requested_class_more_often_than_chance():
         assert images.shape == (len(labels), 3, 32, 32) and torch.isfinite(images).all()
         with torch.no_grad():
             accuracy = (classifier(images).argmax(1) == labels).float().mean().item()
-        assert accuracy > 1 / NUM_CLASSES, (kind, accuracy)   # better than chance; quality: MODEL_CARD.md
+        # Both pass the 80 % bar on 256 samples (MODEL_CARD.md); 24 samples are noisier (sd ~8 points).
+        assert accuracy >= 0.6, (kind, accuracy)
