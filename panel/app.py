@@ -61,11 +61,11 @@ def comfy_runs(url):
     return summary, step_df, block_df, heat, listing, newest
 
 
-def generate(model, method, interval, branch, class_name, seed, steps, cfg, images, delta=0.05,
+def generate(model, method, interval, branch, class_name, seed, steps, cfg, images, delta=0.05, start_percent=0.2,
              progress=gr.Progress(track_tqdm=True)):
     request = engine.Request(model=model, method=method, interval=int(interval), branch=int(branch),
                              class_name=class_name, seed=int(seed), steps=int(steps), cfg=float(cfg), images=int(images),
-                             delta=float(delta))
+                             delta=float(delta), start_percent=float(start_percent))
     try:
         result = engine.run(request)
     except (ValueError, FileNotFoundError) as error:
@@ -105,6 +105,8 @@ def build() -> gr.Blocks:
             cfg = gr.Slider(1.0, 8.0, value=3.0, step=0.5, label="CFG")
             images = gr.Slider(1, 8, value=4, step=1, label="Images")
             delta = gr.Slider(0.0, 0.5, value=0.05, step=0.005, label="AdaptiveDiffusion delta (skip threshold)")
+            start_percent = gr.Slider(0.0, 0.9, value=0.2, step=0.05,
+                                      label="FORA start (share of steps computed in full)")
         run = gr.Button("Generate", variant="primary", elem_id="generate")
         with gr.Row():
             # PNG, not the default WebP: lossless, so API users get the exact pixels.
@@ -119,7 +121,8 @@ def build() -> gr.Blocks:
             comfy_list = gr.Markdown(elem_id="comfy-runs")
             comfy_run = gr.JSON(label="Newest run", visible=False)
         model.change(_methods_for, model, [method, branch])
-        run.click(generate, [model, method, interval, branch, class_name, seed, steps, cfg, images, delta],
+        inputs = [model, method, interval, branch, class_name, seed, steps, cfg, images, delta, start_percent]
+        run.click(generate, inputs,
                   [uncached, cached, summary, step_plot, block_plot, heatmap, stats], api_name="generate")
         attach.click(comfy_runs, comfy_url, [summary, step_plot, block_plot, heatmap, comfy_list, comfy_run],
                      api_name="comfy_runs")

@@ -36,6 +36,9 @@ class Request:
     cfg: float = 3.0
     images: int = 4
     delta: float = 0.05             # AdaptiveDiffusion only
+    # FORA only: the share of steps computed in full before reuse starts. The bundled DiT's
+    # features move fast early on (bench: 13 dB from step 0 vs 27 dB from 20 % at N=2).
+    start_percent: float = 0.2
 
     def check(self) -> None:
         if self.model not in MODELS:
@@ -48,6 +51,9 @@ class Request:
             raise ValueError("images must be between 1 and 16.")
         if not 2 <= self.steps <= 200:
             raise ValueError("steps must be between 2 and 200.")
+        if not 0.0 <= self.start_percent < 1.0:
+            raise ValueError("start_percent must be at least 0 and below 1 "
+                             "(the share of steps computed in full before FORA reuses anything).")
 
 
 @dataclass
@@ -97,7 +103,8 @@ def run(request: Request, progress: bool = True) -> Result:
     elif request.method == "AdaptiveDiffusion":
         handle = apply_adaptive_skip(denoiser.network, delta=request.delta, scheduler=scheduler)
     else:
-        handle = apply_fora(denoiser.network, interval=request.interval, scheduler=scheduler)
+        handle = apply_fora(denoiser.network, interval=request.interval, start_percent=request.start_percent,
+                            scheduler=scheduler)
     try:
         start = time.perf_counter()
         cached = sample(denoiser, labels, steps=request.steps, cfg=request.cfg, seed=request.seed,

@@ -17,7 +17,7 @@ from cachekit.panel import engine  # noqa: E402
 from cachekit.core.heatmap import block_heatmap, heatmap_image  # noqa: E402
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
-ARGS = ("unet", "DeepCache", 3, 0, "triangle", 5, 6, 3.0, 2, 0.05)
+ARGS = ("unet", "DeepCache", 3, 0, "triangle", 5, 6, 3.0, 2, 0.05, 0.2)
 
 
 def _free_port() -> int:
@@ -64,6 +64,17 @@ def test_adaptive_step_skipping_runs_in_the_panel_engine():
     assert t["method"] == "AdaptiveDiffusion" and t["skipped_steps"]
     assert t["hit_rate"] == pytest.approx(len(t["skipped_steps"]) / 12)
     assert 12 < result.psnr_db < float("inf")       # 7 of 12 steps skipped: visibly close, not equal
+
+
+def test_fora_in_the_panel_engine_computes_the_first_share_of_steps_in_full():
+    def step_hits(start):
+        return engine.run(engine.Request("dit", "FORA", interval=2, class_name="ring", steps=10, images=1,
+                                         start_percent=start), progress=False).telemetry["step_hit_rates"]
+    late, early = step_hits(0.5), step_hits(0.0)
+    assert all(not rate for rate in late[:5]) and any(rate for rate in late[5:])
+    assert any(rate for rate in early[1:5])
+    with pytest.raises(ValueError, match="start_percent"):
+        engine.run(engine.Request("dit", "FORA", start_percent=1.0))
 
 
 def test_the_bundled_router_runs_in_the_panel_engine_and_refuses_other_step_counts():
