@@ -96,8 +96,8 @@ def bench_model(kind: str, methods: list[Method], *, steps: int, images: int, cf
         ratios = {steps: calibrate_magcache(base, steps, calibration_run)}
         methods = [m for m in methods if m.name != "MagCache"] + [diffusers_magcache(t, ratios) for t in (0.06, 0.12)]
     rows = [{"model": kind, "method": "uncached", "setting": "-", "origin": "-", "speedup": 1.0, "flops_executed": 1.0,
-             "psnr_db": float("inf"), "ssim": 1.0, "accuracy": round(reference_accuracy, 3), "peak_mem_mib": round(plain_memory, 1),
-             "hit_rate": None}]
+             "psnr_db": float("inf"), "ssim": 1.0, "accuracy": round(reference_accuracy, 3),
+             "peak_mem_mib": round(plain_memory, 1), "hit_rate": None}]
     for method in tqdm([m for m in methods if kind in m.models], desc=f"methods on {kind}", unit="method"):
         ratios, output, telemetry = [], None, None
         for r in range(repeats):

@@ -61,8 +61,8 @@ def comfy_runs(url):
     return summary, step_df, block_df, heat, listing, newest
 
 
-def generate(model, method, interval, branch, class_name, seed, steps, cfg, images, delta=0.05, start_percent=0.2,
-             progress=gr.Progress(track_tqdm=True)):
+def generate(model, method, interval, branch, class_name, seed, steps, cfg, images, delta=engine.Request.delta,
+             start_percent=engine.Request.start_percent, progress=gr.Progress(track_tqdm=True)):
     request = engine.Request(model=model, method=method, interval=int(interval), branch=int(branch),
                              class_name=class_name, seed=int(seed), steps=int(steps), cfg=float(cfg), images=int(images),
                              delta=float(delta), start_percent=float(start_percent))
@@ -98,14 +98,15 @@ def build() -> gr.Blocks:
             method = gr.Dropdown(list(engine.METHODS["unet"]), value="DeepCache", label="Method")
             class_name = gr.Dropdown(list(CLASSES), value=CLASSES[0], label="Class")
             seed = gr.Number(value=0, precision=0, label="Seed")
-        with gr.Row():
-            interval = gr.Slider(1, 10, value=3, step=1, label="Interval (full step every N)")
-            branch = gr.Slider(0, 8, value=0, step=1, label="DeepCache branch")
-            steps = gr.Slider(5, 100, value=25, step=1, label="Steps (DDIM)")
-            cfg = gr.Slider(1.0, 8.0, value=3.0, step=0.5, label="CFG")
-            images = gr.Slider(1, 8, value=4, step=1, label="Images")
-            delta = gr.Slider(0.0, 0.5, value=0.05, step=0.005, label="AdaptiveDiffusion delta (skip threshold)")
-            start_percent = gr.Slider(0.0, 0.9, value=0.2, step=0.05,
+        with gr.Row():   # slider defaults come from engine.Request: the UI and API callers get the same run
+            interval = gr.Slider(1, 10, value=engine.Request.interval, step=1, label="Interval (full step every N)")
+            branch = gr.Slider(0, 8, value=engine.Request.branch, step=1, label="DeepCache branch")
+            steps = gr.Slider(5, 100, value=engine.Request.steps, step=1, label="Steps (DDIM)")
+            cfg = gr.Slider(1.0, 8.0, value=engine.Request.cfg, step=0.5, label="CFG")
+            images = gr.Slider(1, 8, value=engine.Request.images, step=1, label="Images")
+            delta = gr.Slider(0.0, 0.5, value=engine.Request.delta, step=0.005,
+                              label="AdaptiveDiffusion delta (skip threshold)")
+            start_percent = gr.Slider(0.0, 0.9, value=engine.Request.start_percent, step=0.05,
                                       label="FORA start (share of steps computed in full)")
         run = gr.Button("Generate", variant="primary", elem_id="generate")
         with gr.Row():
