@@ -13,7 +13,7 @@ from ..core.methods.deepcache import max_branch
 from . import history
 from .comfy_units import unet_layout
 from .comfy_host import diffusion_model_of
-from .method_nodes import CATEGORY, Settings, _node_id, apply_method
+from .method_nodes import CATEGORY, PATCH_NODE, Settings, _node_id, apply_method
 
 
 def _deepcache_branches(model) -> list[int]:
@@ -55,7 +55,7 @@ class CacheKitAutotune(io.ComfyNode):
                 Settings.Output(display_name="settings", tooltip="Connect to the matching CacheKit method node."),
                 io.String.Output(display_name="report"),
             ],
-            hidden=[io.Hidden.unique_id],
+            **PATCH_NODE,
         )
 
     @classmethod

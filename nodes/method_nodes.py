@@ -47,6 +47,13 @@ def _settings_input():
                           tooltip="From Autotune (CacheKit): when connected, these settings replace the widgets above.")
 
 
+# Every node that patches a MODEL: its unique_id credits the runs, and not_idempotent puts the
+# node id into ComfyUI's cache key. Without it (ComfyUI 0.3.64 leaves a V3 node's hidden
+# unique_id out of the key) an identical node under another id, in this prompt or a later one,
+# is served the first node's patched MODEL, and its runs are credited to that node.
+PATCH_NODE = {"hidden": [io.Hidden.unique_id], "not_idempotent": True}
+
+
 def _node_id(cls) -> str | None:
     # None when the node is executed directly from Python rather than by ComfyUI's executor.
     return getattr(cls.hidden, "unique_id", None) if getattr(cls, "hidden", None) else None
@@ -87,7 +94,7 @@ class CacheKitDeepCache(io.ComfyNode):
                 _settings_input(),
             ],
             outputs=[io.Model.Output(tooltip="The model with DeepCache.")],
-            hidden=[io.Hidden.unique_id],
+            **PATCH_NODE,
         )
 
     @classmethod
@@ -117,7 +124,7 @@ class CacheKitFORA(io.ComfyNode):
                 _settings_input(),
             ],
             outputs=[io.Model.Output(tooltip="The model with FORA.")],
-            hidden=[io.Hidden.unique_id],
+            **PATCH_NODE,
         )
 
     @classmethod
@@ -142,11 +149,12 @@ class CacheKitAdaptiveSkip(io.ComfyNode):
                 io.Float.Input("delta", default=0.01, min=0.0, max=1.0, step=0.001,
                                tooltip="Skip threshold. 0 never skips; larger skips more. 0.01 is the official default."),
                 io.Int.Input("max_skip_steps", default=4, min=1, max=100,
-                             tooltip="At most this many skipped steps in a row (after the warm-up)."),
+                             tooltip="At most this many skipped steps in a row. (The official code lets the first run of "
+                                     "skips after the warm-up reach 5 whatever this is; CacheKit keeps the cap.)"),
                 _settings_input(),
             ],
             outputs=[io.Model.Output(tooltip="The model with adaptive step skipping.")],
-            hidden=[io.Hidden.unique_id],
+            **PATCH_NODE,
         )
 
     @classmethod

@@ -10,7 +10,7 @@ from ..core.methods.router import RouterPolicy
 from ..core.routers import load_official, load_router
 from .comfy_host import diffusion_model_of, install
 from .comfy_units import dit_layout
-from .method_nodes import CATEGORY, _node_id
+from .method_nodes import CATEGORY, PATCH_NODE, _node_id
 
 FOLDER = "cachekit_routers"
 EXTENSIONS = {".safetensors", ".pt", ".pth"}
@@ -52,7 +52,7 @@ class CacheKitRouter(io.ComfyNode):
                                        "higher reuses more."),
             ],
             outputs=[io.Model.Output(tooltip="The model with the learned router.")],
-            hidden=[io.Hidden.unique_id],
+            **PATCH_NODE,
         )
 
     @classmethod

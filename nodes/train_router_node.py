@@ -21,18 +21,25 @@ from comfy_api.latest import io
 
 from ..core.methods.router import RouterPolicy
 from ..core.routers import save_router
-from ..core.routers.train import Sampler, TrainConfig, train_units
+from ..core.routers.train import Sampler, TrainConfig, load_checkpoint, train_units
 from .comfy_host import diffusion_model_of, install
 from .comfy_units import dit_layout
-from .method_nodes import CATEGORY, _node_id
+from .method_nodes import CATEGORY, PATCH_NODE, _node_id
 from .router_node import FOLDER, register_folder
 
 _NAME_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
 
 
+MAX_NAME = 100     # with ".ckpt.pt" well inside every file system's 255-byte limit
+
+
 def _output_path(name: str) -> str:
-    if not name or set(name) - _NAME_OK or name.startswith(".") or "/" in name or ".." in name:
-        raise ValueError(f"router_name {name!r}: use letters, digits, '_', '-' and '.', no folders.")
+    """Checked before any training: a name that cannot be saved must not cost a training run."""
+    shown = name if len(name) <= 40 else name[:37] + "..."
+    if not name or set(name) - _NAME_OK or name.startswith(".") or ".." in name:
+        raise ValueError(f"router_name {shown!r}: use letters, digits, '_', '-' and '.' (not first), no folders.")
+    if len(name) > MAX_NAME:
+        raise ValueError(f"router_name is {len(name)} characters long; use at most {MAX_NAME}.")
     if not name.endswith(".safetensors"):
         name += ".safetensors"
     register_folder()
@@ -98,7 +105,7 @@ class CacheKitTrainRouter(io.ComfyNode):
                                          "20 iterations and at the end) up to `iterations` in all."),
             ],
             outputs=[io.Model.Output(tooltip="The model with the trained router."), io.String.Output(display_name="report")],
-            hidden=[io.Hidden.unique_id],
+            **PATCH_NODE,
         )
 
     @classmethod
@@ -107,6 +114,8 @@ class CacheKitTrainRouter(io.ComfyNode):
         path = _output_path(router_name)
         checkpoint = Path(path).with_suffix(".ckpt.pt")
         layout = dit_layout(diffusion_model_of(model))
+        if resume and checkpoint.exists():     # refuse a bad checkpoint now, not deep inside sampling
+            load_checkpoint(checkpoint, steps, len(layout.units.units))
         trainee = model.clone()
         twin = _trainable_copy(diffusion_model_of(model))
         trainee.add_object_patch("diffusion_model", twin)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's main command: installs what it needs, then samples tiny models uncached and
+# Terminal demo (not the main job; that is scripts/panel.sh): installs what it needs, then samples tiny models uncached and
 # cached and prints the speedup and hit rates.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -18,9 +18,9 @@ from cachekit.core.methods.adaptive import AdaptiveConfig, AdaptiveSkipRule
 DATA = Path(__file__).parent / "data"
 
 
-def _run(latents, delta=0.01, max_skip_steps=4):
+def _run(latents, delta=0.01, max_skip_steps=4, official_cap=False):
     """Decisions for a trajectory: latents[k] is the latent step k starts from."""
-    rule = AdaptiveSkipRule(AdaptiveConfig(delta, max_skip_steps))
+    rule = AdaptiveSkipRule(AdaptiveConfig(delta, max_skip_steps, official_cap))
     return [rule.decide(x) for x in latents], rule
 
 
@@ -32,6 +32,14 @@ def _from_diffs(diffs):
         values += d
         latents.append(torch.tensor([values]))
     return latents
+
+
+def _longest_skip_run(decisions):
+    longest = run = 0
+    for computed in decisions:
+        run = 0 if computed else run + 1
+        longest = max(longest, run)
+    return longest
 
 
 def _pattern(decisions):
@@ -48,10 +56,15 @@ def test_decisions_equal_the_official_code_on_recorded_trajectories():
         steps = len(case["computed"])
         # Steps 0..T-1 start from the noise, L_0, ..., L_(T-2); the official code also decides
         # after the last step (a step that never comes), so feed L_(T-1) as well for the mask.
-        decisions, rule = _run(latents[:steps + 1], case["delta"], case["max_skip_steps"])
+        decisions, rule = _run(latents[:steps + 1], case["delta"], case["max_skip_steps"], official_cap=True)
         assert decisions[:steps] == case["computed"], case
         assert rule.mask == case["mask"], case
         skipping_cases += not all(case["computed"])
+        # The default cap differs only where the official run of skips exceeded max_skip_steps.
+        strict, _ = _run(latents[:steps + 1], case["delta"], case["max_skip_steps"])
+        if _longest_skip_run(case["computed"]) <= case["max_skip_steps"]:
+            assert strict[:steps] == case["computed"], case
+        assert _longest_skip_run(strict[:steps]) <= case["max_skip_steps"], case
     assert skipping_cases > 30
 
 
@@ -60,14 +73,21 @@ def test_warm_up_computes_the_first_four_steps_whatever_the_latents():
     assert decisions == [True] * 4
 
 
-def test_constant_change_skips_until_the_cap():
-    # d_k constant: |(d + d) / 2 - d| = 0 <= delta * d, so every step after the warm-up may skip.
-    # The cap needs more than 4 decisions: steps 4-8 skip (five in a row, one more than
-    # max_skip_steps, as the official `len(mask) > 4` check allows), step 9 runs, then the cap
-    # of 4 applies: four skips, one run.
-    decisions, _ = _run(_from_diffs([0.5] * 20), delta=0.01, max_skip_steps=4)
+@pytest.mark.parametrize("cap", [1, 2, 4])
+def test_never_more_than_max_skip_steps_skipped_in_a_row(cap):
+    # d_k constant: |(d + d) / 2 - d| = 0 <= delta * d, so every step after the warm-up may skip;
+    # the cap alone decides. Regression: max_skip_steps 1 or 2 skipped five steps in a row.
+    decisions, _ = _run(_from_diffs([0.5] * 20), delta=0.01, max_skip_steps=cap)
+    assert _pattern(decisions) == "xxxx" + (("." * cap + "x") * 20)[:18]
+    assert _longest_skip_run(decisions) == cap
+
+
+def test_official_cap_lets_the_first_run_of_skips_reach_five():
+    # The official check needs more than 4 decisions: steps 4-8 skip (five in a row whatever
+    # max_skip_steps is), step 9 runs, then the cap applies.
+    decisions, _ = _run(_from_diffs([0.5] * 20), delta=0.01, max_skip_steps=4, official_cap=True)
     assert _pattern(decisions) == "xxxx.....x....x....x.."
-    decisions, _ = _run(_from_diffs([0.5] * 20), delta=0.01, max_skip_steps=1)
+    decisions, _ = _run(_from_diffs([0.5] * 20), delta=0.01, max_skip_steps=1, official_cap=True)
     assert _pattern(decisions) == "xxxx....." + "x." * 6 + "x"
 
 
@@ -75,7 +95,7 @@ def test_threshold_is_relative_to_the_first_order_difference():
     # d_k = 2^k: |(d_k + d_(k-2)) / 2 - d_(k-1)| / d_(k-1) = (2 - 1)^2 / (2 * 2) = 0.25.
     diffs = [2.0 ** k for k in range(1, 12)]
     assert _pattern(_run(_from_diffs(diffs), delta=0.2)[0]) == "x" * 13
-    assert _pattern(_run(_from_diffs(diffs), delta=0.3)[0]) == "xxxx.....x..."
+    assert _pattern(_run(_from_diffs(diffs), delta=0.3)[0]) == "xxxx....x...."   # capped at 4 in a row
     # The ratio, not the scale, decides: the same shape 1000x smaller decides the same.
     assert _run(_from_diffs([d / 1000 for d in diffs]), delta=0.3)[0] == _run(_from_diffs(diffs), delta=0.3)[0]
 

@@ -42,7 +42,7 @@ def test_bundled_unet_takes_the_official_pipelines_decisions(name, monkeypatch):
     ran = _computed_steps(monkeypatch, denoiser.network)
     scheduler = make_scheduler(setting["steps"])
     handle = apply_adaptive_skip(denoiser.network, delta=setting["delta"], max_skip_steps=setting["max_skip_steps"],
-                                 scheduler=scheduler)
+                                 scheduler=scheduler, official_cap=True)
     out = sample(denoiser, torch.tensor([setting["class"]]), steps=setting["steps"], cfg=setting["cfg"],
                  seed=setting["seed"], scheduler=scheduler)
     run = handle.finish_run()

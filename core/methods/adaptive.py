@@ -7,9 +7,13 @@ after step k (the initial noise is not part of the trajectory) and d_k = mean|L_
 * After step k >= 3 the next step is decided from the third-order difference of the latents,
   measured relative to the first-order one: step k+1 reuses the last noise prediction when
   |(d_k + d_(k-2)) / 2 - d_(k-1)| <= delta * d_(k-1), and runs the model otherwise.
-* Cap: once more than 4 decisions exist, a step runs when none of the last `max_skip_steps`
-  decisions ran the model. The official check is `len(mask) > 4`, not `> max_skip_steps`, so
-  the first skips after the warm-up may exceed the cap; we keep that, decisions must match.
+* Cap: a step runs when the last `max_skip_steps` decisions all skipped. The official check is
+  `len(mask) > 4 and not any(mask[-max_skip_steps:])`: it only starts once more than 4
+  decisions exist, so with max_skip_steps 1-3 the first run of skips after the warm-up may be 5
+  long (and with 5 or more it is cut at 5). CacheKit by default also applies the cap as soon as
+  max_skip_steps decisions exist, so no more than max_skip_steps steps are ever skipped in a row;
+  this differs from the official decisions only for max_skip_steps 1-3, only in that first run
+  of skips. `official_cap=True` reproduces the official decisions exactly (tests compare both).
 * One decision per step for the whole batch (the mean runs over every sample and channel).
 
 The rule is fed, step by step, the latent each step starts from: that is L_(k-1) for step k,
@@ -28,6 +32,7 @@ WARMUP_STEPS = 4     # the official code computes while it holds <= 3 latents
 class AdaptiveConfig:
     delta: float = 0.01
     max_skip_steps: int = 4
+    official_cap: bool = False     # True: the official `len(mask) > 4` cap (see the module docstring)
 
     def __post_init__(self) -> None:
         if isinstance(self.delta, bool) or not isinstance(self.delta, (int, float)) or not self.delta >= 0:
@@ -36,6 +41,8 @@ class AdaptiveConfig:
         if isinstance(self.max_skip_steps, bool) or not isinstance(self.max_skip_steps, int) or self.max_skip_steps < 1:
             raise ValueError(f"max_skip_steps must be an integer >= 1, got {self.max_skip_steps!r}. "
                              "4 is the official default.")
+        if not isinstance(self.official_cap, bool):
+            raise ValueError(f"official_cap must be True or False, got {self.official_cap!r}.")
 
 
 class AdaptiveSkipRule:
@@ -70,7 +77,9 @@ class AdaptiveSkipRule:
 
     def _estimate(self, cur: torch.Tensor, prev: torch.Tensor, prev_prev: torch.Tensor) -> bool:
         k = self.config.max_skip_steps
-        if len(self.mask) > 4 and not any(self.mask[-k:]):
+        # The official cap starts at 5 decisions; ours also as soon as k decisions exist.
+        enough = len(self.mask) > 4 or (not self.config.official_cap and len(self.mask) >= k)
+        if enough and not any(self.mask[-k:]):
             return True
         # Tensor arithmetic in the latent's dtype, as the official, so ties round the same way.
         return not bool(abs((cur + prev_prev) / 2 - prev) <= prev * self.config.delta)

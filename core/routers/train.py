@@ -161,9 +161,7 @@ def train_units(modules: list[torch.nn.Module | None], kinds: list[str], sampler
     depth = len(kinds) // len(layout)
     state = TrainState(torch.zeros(config.num_steps, len(modules)))
     if resume and checkpoint is not None and Path(checkpoint).exists():
-        saved = torch.load(str(checkpoint), weights_only=True)
-        state = TrainState(saved["logits"], int(saved["iteration"]), list(saved["losses"]),
-                           saved.get("lambdas"), float(saved.get("seconds", 0.0)))
+        state = load_checkpoint(checkpoint, config.num_steps, len(modules))
     else:
         g = torch.Generator().manual_seed(config.seed)
         state.logits = torch.randn(config.num_steps, len(modules), generator=g)   # as the official Router init
@@ -275,3 +273,36 @@ def _save_checkpoint(path: Path, logits: torch.Tensor, state: TrainState) -> Non
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"logits": logits.detach().clone(), "iteration": state.iteration, "losses": state.losses,
                 "lambdas": state.lambdas, "seconds": state.seconds}, str(path))
+
+
+def load_checkpoint(path: Path, num_steps: int, num_units: int) -> TrainState:
+    """A training checkpoint written by _save_checkpoint, checked before use.
+
+    Read with weights_only=True (no code from the file runs). Anything else, corrupt, hostile or
+    for another model, is refused with one message that says what to do; never torch's own,
+    which advises weights_only=False."""
+    name = Path(path).name
+
+    def refuse(why: str) -> ValueError:
+        return ValueError(f"Cannot resume from {name}: {why}. Delete it (or turn resume off) to train from scratch.")
+    try:
+        saved = torch.load(str(path), weights_only=True, map_location="cpu")
+    except Exception as error:  # corrupt zip, truncated file, forbidden pickle globals, ...
+        raise refuse(f"it is not a CacheKit router training checkpoint ({type(error).__name__})") from None
+    if not isinstance(saved, dict) or not {"logits", "iteration", "losses"} <= set(saved):
+        raise refuse("it is not a CacheKit router training checkpoint (missing logits / iteration / losses)")
+    logits, iteration, losses = saved["logits"], saved["iteration"], saved["losses"]
+    lambdas, seconds = saved.get("lambdas"), saved.get("seconds", 0.0)
+    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point() or not torch.isfinite(logits).all():
+        raise refuse("its logits are not a finite float tensor")
+    if tuple(logits.shape) != (num_steps, num_units):
+        raise refuse(f"it is for {tuple(logits.shape)[0]} steps x {tuple(logits.shape)[-1]} units, this training "
+                     f"is for {num_steps} x {num_units} (another model or step count)")
+    numbers = (int, float)
+    if (isinstance(iteration, bool) or not isinstance(iteration, int) or iteration < 0
+            or not isinstance(losses, list) or not all(isinstance(v, numbers) for v in losses)
+            or (lambdas is not None and (not isinstance(lambdas, list) or not all(isinstance(v, numbers) for v in lambdas)))
+            or not isinstance(seconds, numbers)):
+        raise refuse("its iteration, losses, lambdas or seconds have the wrong types")
+    return TrainState(logits.float(), iteration, [float(v) for v in losses],
+                      None if lambdas is None else [float(v) for v in lambdas], float(seconds))

@@ -176,3 +176,12 @@ def test_a_workflow_runs_and_the_sidebar_and_badge_show_its_hit_rate(page, comfy
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "comfyui_sidebar.png"))
     assert not [e for e in page.cachekit_errors if "cachekit" in e.lower()]
+
+
+@pytest.mark.parametrize("query", ["limit=%C2%B2", "limit=" + "9" * 5000, "node_id=10%0A", "limit=3&limit=4",
+                                   "node_id=%EF%BC%91"])
+def test_the_real_server_answers_bad_runs_queries_with_400_and_json(comfy_server, query):
+    import urllib.error
+    with pytest.raises(urllib.error.HTTPError) as error:
+        urllib.request.urlopen(f"{comfy_server}/cachekit/runs?{query}", timeout=10)
+    assert error.value.code == 400 and json.loads(error.value.read())["error"]

@@ -55,7 +55,8 @@ def test_each_step_and_the_end_of_a_run_are_sent_to_the_frontend(comfy, recorder
 
 
 def _request(query):
-    return type("Request", (), {"query": query})()
+    from multidict import MultiDict        # what aiohttp hands the route
+    return type("Request", (), {"query": MultiDict(query)})()
 
 
 def test_runs_route_serves_recent_runs_and_validates_its_parameters(comfy, recorder):
@@ -95,3 +96,49 @@ def test_stats_node_without_a_cachekit_model_explains_what_to_connect(comfy):
     g.add("CKTestCaptureString", value=[stats, 1], key="stats-none-summary")
     with pytest.raises(AssertionError, match="no CacheKit method"):
         comfy.run(g.prompt, comfy.fresh_executor())
+
+
+def _renumbered(prompt: dict, mapping: dict) -> dict:
+    """The same API prompt with some node ids changed (links follow)."""
+    def relink(value):
+        if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str):
+            return [mapping.get(value[0], value[0]), value[1]]
+        return value
+    return {mapping.get(node_id, node_id): {**node, "inputs": {k: relink(v) for k, v in node["inputs"].items()}}
+            for node_id, node in prompt.items()}
+
+
+def test_a_cached_node_output_is_credited_to_the_node_id_of_the_current_graph(comfy, recorder):
+    # Regression: ComfyUI served the patched MODEL from its node cache, so a run in a later
+    # prompt whose CacheKit node had another id was credited to the old id.
+    g, patch_node, ks = _deepcache_graph("credit-1")
+    executor = comfy.fresh_executor()              # one executor: its node cache carries over
+    comfy.run(g.prompt, executor)
+    moved = _renumbered(g.prompt, {patch_node: "77"})
+    moved[ks]["inputs"]["seed"] += 1               # the sampler runs again; the patch node is unchanged
+    comfy.run(moved, executor)
+    finals = [d for e, d in recorder.events if e == "cachekit.run"]
+    assert [run["node_id"] for run in finals] == [patch_node, "77"]
+
+
+def test_two_identical_cachekit_nodes_in_one_prompt_are_credited_each_to_its_own_sampler(comfy, recorder):
+    # Regression: two identical nodes had one cache entry, so both KSamplers' runs went to the first.
+    g = Graph("sd15")
+    first = g.patch("CacheKitDeepCache", **DEEPCACHE).model[0]
+    ks_first = g.sample("credit-2a", steps=STEPS, cfg=2.0)
+    g.model = [g.loader, 0]
+    second = g.patch("CacheKitDeepCache", **DEEPCACHE).model[0]
+    ks_second = g.sample("credit-2b", steps=STEPS, cfg=2.0, seed=8)
+    comfy.run(g.prompt, comfy.fresh_executor())
+    credit = {run["sampler_node_id"]: run["node_id"] for e, run in recorder.events if e == "cachekit.run"}
+    assert credit == {ks_first: first, ks_second: second}
+
+
+@pytest.mark.parametrize("query", [{"limit": "²"}, {"limit": "٣"}, {"limit": "1" * 5000}, {"limit": " 3"},
+                                   {"limit": "3\n"}, {"node_id": "10\n"}, {"node_id": "10%0A"},
+                                   {"node_id": "１２"}, {"node_id": ""}, {"limit": ""}])
+def test_runs_route_answers_400_with_a_message_to_every_bad_parameter(comfy, query):
+    # Regression: "²" passed str.isdigit() and int() raised (500); 5000 digits hit Python's
+    # int-string limit; "10\n" passed a `$`-anchored pattern.
+    response = asyncio.run(comfy.pack("nodes.routes").runs(_request(query)))
+    assert response.status == 400 and json.loads(response.body)["error"]

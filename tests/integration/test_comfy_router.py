@@ -104,3 +104,66 @@ def test_train_router_node_resumes_from_its_checkpoint(comfy, router_dir):
     train(2, False)
     assert "2 iterations" in train(2, False).source
     assert "4 iterations" in train(4, True).source       # two more, on top of the checkpoint
+
+
+def _train_prompt(name, resume=False, iterations=2):
+    g = Graph("pixart")
+    node = g.add("CacheKitTrainRouter", model=g.model, positive=[g.loader, 1], negative=[g.loader, 2],
+                 latent_image=[g.loader, 3], seed=1, steps=STEPS, cfg=2.0, scheduler="normal", method="l2c",
+                 iterations=iterations, l1=1e-3, lr=0.05, router_name=name, resume=resume)
+    g.add("CKTestCaptureString", value=[node, 1], key=f"bad-{name[:20]}")
+    return g.prompt
+
+
+@pytest.fixture
+def no_training(comfy, monkeypatch):
+    """Fails the test if the node gets as far as training."""
+    node_module = comfy.pack("nodes.train_router_node")
+
+    def trained(*args, **kwargs):
+        raise AssertionError("training started")
+    monkeypatch.setattr(node_module, "train_units", trained)
+
+
+@pytest.mark.parametrize("name, message", [("r" * 300, "300 characters long"), ("a/b", "no folders"),
+                                           (".hidden", "letters, digits"), ("x y", "letters, digits")])
+def test_train_router_refuses_a_bad_name_before_any_training(comfy, router_dir, no_training, name, message):
+    # Regression: a 300-character name trained, then failed saving with a raw RuntimeError.
+    with pytest.raises(AssertionError, match=message) as error:
+        comfy.run(_train_prompt(name), comfy.fresh_executor())
+    assert "training started" not in str(error.value) and not list(router_dir.iterdir())
+
+
+class _Hostile:
+    """Unpickling this would run code (creates a file): a weights_only load must refuse it."""
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _corrupt(path, marker):
+    path.write_bytes(b"PK\x03\x04 this is not a checkpoint" * 10)
+
+
+def _hostile(path, marker):
+    torch.save({"logits": torch.zeros(STEPS, 3), "iteration": _Hostile(str(marker)), "losses": []}, str(path))
+
+
+def _wrong_shape(path, marker):
+    torch.save({"logits": torch.zeros(STEPS + 3, 2), "iteration": 1, "losses": [0.5]}, str(path))
+
+
+@pytest.mark.parametrize("write, message", [(_corrupt, "not a CacheKit router training checkpoint"),
+                                            (_hostile, "not a CacheKit router training checkpoint"),
+                                            (_wrong_shape, "another model or step count")])
+def test_resume_from_a_bad_checkpoint_gives_a_clear_message(comfy, router_dir, no_training, tmp_path, write,
+                                                             message):
+    # Regression: torch's UnpicklingError surfaced, advising weights_only=False.
+    marker = tmp_path.parent / f"{tmp_path.name}-pwned"
+    write(router_dir / "bad.ckpt.pt", marker)
+    with pytest.raises(AssertionError, match="Cannot resume from bad.ckpt.pt") as error:
+        comfy.run(_train_prompt("bad", resume=True), comfy.fresh_executor())
+    assert message in str(error.value) and "weights_only" not in str(error.value)
+    assert not marker.exists()                       # no code from the file ran

@@ -133,3 +133,22 @@ def test_bad_settings_are_refused_when_the_node_runs(comfy):
     from .comfy_graph import tiny
     with pytest.raises(ValueError, match="delta"):
         node.execute(tiny("sd15").patcher, -0.5, 4)
+
+
+def _longest_run(steps: list[int]) -> int:
+    longest = run = 0
+    for i, step in enumerate(steps):
+        run = run + 1 if i and step == steps[i - 1] + 1 else 1
+        longest = max(longest, run)
+    return longest
+
+
+@pytest.mark.parametrize("cap", [1, 2, 4])
+def test_never_more_than_max_skip_steps_skipped_in_a_row(comfy, cap):
+    # Regression: on SD3 with 20 steps and a large delta, max_skip_steps 1 or 2 skipped five
+    # steps in a row (the official cap only starts after more than 4 decisions).
+    _sample(comfy, "sd3", f"ad-cap-{cap}", ("CacheKitAdaptiveSkip", {"delta": 1.0, "max_skip_steps": cap}),
+            steps=20, cfg=2.0)
+    run = comfy.pack("nodes.history").last()
+    assert run.method == "AdaptiveDiffusion" and run.skipped_steps, "the test needs skips"
+    assert _longest_run(run.skipped_steps) == cap, run.skipped_steps
