@@ -7,8 +7,9 @@ import torch
 
 
 def psnr(reference: torch.Tensor, test: torch.Tensor, data_range: float = 2.0) -> float:
-    """PSNR in dB; data_range 2 for images in [-1, 1]."""
-    mse = torch.mean((reference.double() - test.double()) ** 2).item()
+    """PSNR in dB; data_range 2 for images in [-1, 1]. Arrays are taken too: some diffusers
+    pipelines (DiTPipeline before 0.42) return numpy images even for output_type="pt"."""
+    mse = torch.mean((torch.as_tensor(reference).double() - torch.as_tensor(test).double()) ** 2).item()
     return float("inf") if mse == 0 else 10 * math.log10(data_range ** 2 / mse)
 
 

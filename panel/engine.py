@@ -20,6 +20,20 @@ from ..tinymodels.shapes import CLASSES
 
 MODELS = {"dit": "Tiny DiT (FORA)", "unet": "Tiny U-Net (DeepCache)"}
 METHODS = {"dit": ("FORA", "AdaptiveDiffusion", "Router"), "unet": ("DeepCache", "AdaptiveDiffusion")}
+# What each method does, in one line, and the Request fields it reads (the panel shows only those).
+DESCRIPTIONS = {
+    "DeepCache": "Runs the full U-Net every N steps; in between only the shallow layers run and the deep "
+                 "features are reused.",
+    "FORA": "Computes every transformer block every N steps and reuses the blocks' attention and MLP outputs "
+            "in between, after the first share of steps runs in full.",
+    "AdaptiveDiffusion": "Skips whole steps, reusing the last noise prediction while the latents change "
+                         "smoothly (delta: how much change is tolerated).",
+    "Router": "A learned HarmoniCa router decides per step and layer what to reuse (the bundled one is "
+              "trained for 25 steps).",
+}
+SETTINGS = {"DeepCache": ("interval", "branch"), "FORA": ("interval", "start_percent"),
+            "AdaptiveDiffusion": ("delta",), "Router": ()}
+MAX_ROUNDS = 5
 # A HarmoniCa router trained on the bundled DiT (scripts/train_router.py) for the panel's 25 steps.
 BUNDLED_ROUTER = WEIGHTS / "dit_router_harmonica_25.safetensors"
 
@@ -39,6 +53,13 @@ class Request:
     # FORA only: the share of steps computed in full before reuse starts. The bundled DiT's
     # features move fast early on (bench: 13 dB from step 0 vs 27 dB from 20 % at N=2).
     start_percent: float = 0.2
+    # Times both passes this many times (interleaved) so the speedup comes with its spread: on a
+    # busy CPU one timing can land anywhere (the same FORA run measured 0.64x, then 1.36x).
+    rounds: int = 1
+
+    def settings(self) -> dict:
+        """The chosen method's own settings, for summaries and the run's JSON."""
+        return {name: getattr(self, name) for name in SETTINGS[self.method]}
 
     def check(self) -> None:
         if self.model not in MODELS:
@@ -54,20 +75,37 @@ class Request:
         if not 0.0 <= self.start_percent < 1.0:
             raise ValueError("start_percent must be at least 0 and below 1 "
                              "(the share of steps computed in full before FORA reuses anything).")
+        if not 1 <= self.rounds <= MAX_ROUNDS:
+            raise ValueError(f"rounds must be between 1 and {MAX_ROUNDS}.")
 
 
 @dataclass
 class Result:
     uncached: np.ndarray            # [N, 32, 32, 3] uint8
     cached: np.ndarray
-    uncached_s: float
-    cached_s: float
+    uncached_rounds: list[float]    # seconds per pass, one entry per timing round
+    cached_rounds: list[float]
     psnr_db: float
-    telemetry: dict = field(default_factory=dict)
+    telemetry: dict = field(default_factory=dict)        # the cached pass of the first round
+    uncached_step_s: list[float] = field(default_factory=list)   # wall time per step, first round
+    cached_step_s: list[float] = field(default_factory=list)
+
+    @property
+    def uncached_s(self) -> float:
+        return float(np.median(self.uncached_rounds))
+
+    @property
+    def cached_s(self) -> float:
+        return float(np.median(self.cached_rounds))
+
+    @property
+    def round_speedups(self) -> list[float]:
+        return [u / c if c else float("nan") for u, c in zip(self.uncached_rounds, self.cached_rounds)]
 
     @property
     def speedup(self) -> float:
-        return self.uncached_s / self.cached_s if self.cached_s else float("nan")
+        """Median over the rounds of uncached time / cached time (each round times both passes)."""
+        return float(np.median(self.round_speedups))
 
 
 _MODELS: dict = {}
@@ -83,35 +121,58 @@ def model(kind: str):
     return _MODELS[kind]
 
 
-def run(request: Request, progress: bool = True) -> Result:
+def _apply(request: Request, network, scheduler):
+    if request.method == "DeepCache":
+        return apply_deepcache(network, cache_interval=request.interval, cache_branch=request.branch,
+                               scheduler=scheduler)
+    if request.method == "Router":
+        if not BUNDLED_ROUTER.exists():
+            raise FileNotFoundError(f"The bundled router {BUNDLED_ROUTER.name} is missing; train it with "
+                                    "scripts/train_router.py --steps 25.")
+        return apply_router(network, BUNDLED_ROUTER, scheduler=scheduler)
+    if request.method == "AdaptiveDiffusion":
+        return apply_adaptive_skip(network, delta=request.delta, scheduler=scheduler)
+    return apply_fora(network, interval=request.interval, start_percent=request.start_percent, scheduler=scheduler)
+
+
+def run(request: Request, progress: bool = True, on_progress=None) -> Result:
+    """Sample uncached, then cached, `request.rounds` times. on_progress(text, done, total) is called
+    before every step with e.g. "cached pass: step 3/25" (the panel's progress bar)."""
     request.check()
     denoiser = model(request.model)
     labels = torch.full((request.images,), CLASSES.index(request.class_name))
     scheduler = make_scheduler(request.steps)
-    start = time.perf_counter()
-    reference = sample(denoiser, labels, steps=request.steps, cfg=request.cfg, seed=request.seed,
-                       scheduler=scheduler, progress=progress)
-    uncached_s = time.perf_counter() - start
-    if request.method == "DeepCache":
-        handle = apply_deepcache(denoiser.network, cache_interval=request.interval, cache_branch=request.branch,
-                                 scheduler=scheduler)
-    elif request.method == "Router":
-        if not BUNDLED_ROUTER.exists():
-            raise FileNotFoundError(f"The bundled router {BUNDLED_ROUTER.name} is missing; train it with "
-                                    "scripts/train_router.py --steps 25.")
-        handle = apply_router(denoiser.network, BUNDLED_ROUTER, scheduler=scheduler)
-    elif request.method == "AdaptiveDiffusion":
-        handle = apply_adaptive_skip(denoiser.network, delta=request.delta, scheduler=scheduler)
-    else:
-        handle = apply_fora(denoiser.network, interval=request.interval, start_percent=request.start_percent,
-                            scheduler=scheduler)
-    try:
+    total = 2 * request.steps * request.rounds
+
+    def one_pass(name: str, round_index: int, handle=None):
+        where = f"round {round_index + 1}/{request.rounds}, " if request.rounds > 1 else ""
+        done = (2 * round_index + (handle is not None)) * request.steps
+        starts: list[float] = []
+
+        def on_step(i, _t):
+            starts.append(time.perf_counter())
+            if on_progress is not None:
+                on_progress(f"{where}{name} pass: step {i + 1}/{request.steps}", done + i, total)
         start = time.perf_counter()
-        cached = sample(denoiser, labels, steps=request.steps, cfg=request.cfg, seed=request.seed,
-                        scheduler=scheduler, progress=progress)
-        cached_s = time.perf_counter() - start
-        telemetry = handle.finish_run()
-    finally:
-        handle.remove()
-    return Result(to_uint8(reference), to_uint8(cached), uncached_s, cached_s, psnr(reference, cached),
-                  telemetry.as_dict())
+        images = sample(denoiser, labels, steps=request.steps, cfg=request.cfg, seed=request.seed,
+                        scheduler=scheduler, progress=progress, on_step=on_step)
+        seconds = time.perf_counter() - start
+        step_s = list(np.diff(starts + [start + seconds]))
+        telemetry = handle.finish_run().as_dict() if handle is not None else None
+        return images, seconds, step_s, telemetry
+
+    uncached_rounds, cached_rounds = [], []
+    for r in range(request.rounds):
+        reference, seconds, uncached_step_s, _ = one_pass("uncached", r)
+        uncached_rounds.append(seconds)
+        handle = _apply(request, denoiser.network, scheduler)
+        try:
+            cached, seconds, cached_step_s, telemetry = one_pass("cached", r, handle)
+        finally:
+            handle.remove()
+        cached_rounds.append(seconds)
+        if r == 0:
+            first = (reference, cached, uncached_step_s, cached_step_s, telemetry)
+    reference, cached, uncached_step_s, cached_step_s, telemetry = first
+    return Result(to_uint8(reference), to_uint8(cached), uncached_rounds, cached_rounds, psnr(reference, cached),
+                  telemetry, [float(x) for x in uncached_step_s], [float(x) for x in cached_step_s])

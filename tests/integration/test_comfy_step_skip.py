@@ -147,7 +147,7 @@ def _longest_run(steps: list[int]) -> int:
 def test_never_more_than_max_skip_steps_skipped_in_a_row(comfy, cap):
     # Regression: on SD3 with 20 steps and a large delta, max_skip_steps 1 or 2 skipped five
     # steps in a row (the official cap only starts after more than 4 decisions).
-    _sample(comfy, "sd3", f"ad-cap-{cap}", ("CacheKitAdaptiveSkip", {"delta": 1.0, "max_skip_steps": cap}),
+    _sample(comfy, "mmdit", f"ad-cap-{cap}", ("CacheKitAdaptiveSkip", {"delta": 1.0, "max_skip_steps": cap}),
             steps=20, cfg=2.0)
     run = comfy.pack("nodes.history").last()
     assert run.method == "AdaptiveDiffusion" and run.skipped_steps, "the test needs skips"

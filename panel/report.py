@@ -1,0 +1,135 @@
+"""What the panel says about a run, in words and as JSON (no gradio: tests read these directly)."""
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from pathlib import Path
+
+from . import engine
+
+SETTING_NAMES = {"interval": "interval", "branch": "branch", "delta": "delta", "start_percent": "start"}
+FORMAT = "cachekit-panel-run/1"
+
+
+def model_name(model: str) -> str:
+    """'Tiny DiT', without the default method that engine.MODELS adds for the dropdown."""
+    return engine.MODELS[model].split(" (")[0]
+
+
+def _setting(name: str, value) -> str:
+    if name == "start_percent":
+        return f"start {value:.0%} of steps"
+    if name == "delta":
+        return f"delta {value:g}"
+    return f"{SETTING_NAMES[name]} {value}"
+
+
+def settings_text(request: engine.Request) -> str:
+    own = [_setting(k, v) for k, v in request.settings().items()] or ["no settings (bundled router)"]
+    return ", ".join(own)
+
+
+def speedup_text(result: engine.Result, flop_estimate: float | None) -> str:
+    """The measured speedup never stands alone: with one round it is flagged as a single timing and
+    shown beside the FLOP-weighted estimate (timing-free); with more rounds it carries their range."""
+    rounds = len(result.round_speedups)
+    estimate = f" · {flop_estimate:.2f}x FLOP-weighted estimate" if flop_estimate else ""
+    if rounds > 1:
+        low, high = min(result.round_speedups), max(result.round_speedups)
+        line = f"**Speedup** {result.speedup:.2f}x measured (median of {rounds} rounds, range {low:.2f}–{high:.2f}x)"
+    else:
+        line = f"**Speedup** {result.speedup:.2f}x measured (one timing)"
+    notes = []
+    # Skipping work cannot save more time than the work skipped: a measurement well above the
+    # estimate means the uncached pass was slowed by something else (another process, the browser).
+    if flop_estimate and result.speedup > 1.1 * flop_estimate:
+        notes.append("above the FLOP-weighted estimate, so the uncached pass was slowed by something else")
+    if rounds == 1:
+        notes.append("one timing is noisy on a busy CPU: raise Timing rounds for a range")
+    text = "; ".join(notes)
+    note = f"  \n_{text[:1].upper()}{text[1:]}._" if notes else ""
+    return f"{line}{estimate}{note}"
+
+
+def _hit_lines(t: dict) -> list[str]:
+    lines = [f"**Hit rate {t['hit_rate']:.0%}**" + (f" · work executed {t['executed_fraction']:.0%}"
+                                                    if t.get("executed_fraction") is not None else "")]
+    skipped = t.get("skipped_steps") or []
+    if skipped:       # a list of 60 numbers says less than the per-step chart: count them instead
+        listed = ", ".join(str(s + 1) for s in skipped) if len(skipped) <= 12 else "see the per-step chart"
+        lines.append(f"**Skipped steps** {len(skipped)} of {t['num_steps']} ({listed})")
+    return lines
+
+
+def run_summary(request: engine.Request, result: engine.Result) -> str:
+    t = result.telemetry
+    timed = f" (median of {len(result.uncached_rounds)} rounds)" if len(result.uncached_rounds) > 1 else ""
+    psnr = "identical" if math.isinf(result.psnr_db) else f"{result.psnr_db:.1f} dB"
+    lines = [
+        f"### {request.method} on {model_name(request.model)}",
+        f"**Settings** {settings_text(request)}",
+        f"{request.steps} DDIM steps, CFG {request.cfg:g}, {request.images} × {request.class_name}, "
+        f"seed {request.seed}",
+        f"**Uncached** {result.uncached_s:.2f} s · **Cached** {result.cached_s:.2f} s{timed}",
+        speedup_text(result, t.get("ideal_speedup")),
+        *_hit_lines(t),
+        f"**PSNR vs. uncached** {psnr}",
+    ]
+    return "  \n".join(lines)
+
+
+def comfy_summary(run: dict) -> str:
+    """A ComfyUI run has no uncached twin here: only its in-run estimate and the FLOP estimate."""
+    t = run["telemetry"]
+    speed = []
+    if t.get("measured_speedup"):
+        speed.append(f"{t['measured_speedup']:.2f}x in-run estimate (full-step times)")
+    if t.get("ideal_speedup"):
+        speed.append(f"{t['ideal_speedup']:.2f}x FLOP-weighted estimate")
+    lines = [f"### {t['method']} in ComfyUI ({t['family']})",
+             f"{t['num_steps']} steps" + (f", {t['wall_time_s']:.2f} s" if t.get("wall_time_s") else "")]
+    if speed:
+        lines.append("**Speedup** " + " · ".join(speed))
+    return "  \n".join(lines + _hit_lines(t))
+
+
+def _finite(value):
+    """JSON has no Infinity or NaN (PSNR of identical images is infinite): write null instead."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def run_record(request: engine.Request, result: engine.Result) -> dict:
+    """Everything about a panel run that is not pixels; steps are 0-based, as in the telemetry."""
+    return _finite({
+        "format": FORMAT,
+        "model": request.model,
+        "method": request.method,
+        "settings": request.settings(),
+        "sampling": {"sampler": "DDIM", "steps": request.steps, "cfg": request.cfg, "images": request.images,
+                     "class": request.class_name, "seed": request.seed},
+        "timing": {"rounds": request.rounds, "uncached_s": result.uncached_rounds, "cached_s": result.cached_rounds,
+                   "speedup_measured": result.speedup, "speedup_per_round": result.round_speedups,
+                   "speedup_flop_estimate": result.telemetry.get("ideal_speedup"),
+                   "uncached_step_s": result.uncached_step_s, "cached_step_s": result.cached_step_s},
+        "psnr_db": result.psnr_db,
+        "telemetry": result.telemetry,
+    })
+
+
+def write_json(record: dict, name: str) -> Path:
+    """A fresh file in the system temp folder (gradio serves files from there) for the download."""
+    folder = Path(tempfile.mkdtemp(prefix="cachekit-panel-"))
+    path = folder / name
+    path.write_text(json.dumps(_finite(record), indent=1))
+    return path
+
+
+def file_name(request: engine.Request) -> str:
+    return f"cachekit_{request.model}_{request.method}_{request.steps}steps_seed{request.seed}.json"
