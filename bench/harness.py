@@ -21,10 +21,14 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from ..tinymodels.architectures import Denoiser
-from ..tinymodels.bundled import load, load_classifier
+from ..tinymodels.bundled import KINDS, load, load_classifier
 from ..tinymodels.sampling import make_scheduler, sample
+from ..core.diffusers_adapter import dit_units
+from ..core.methods.router import RouterPolicy
 from ..core.quality import psnr, ssim
+from ..core.routers import Router, load_any
 from ..tinymodels.shapes import NUM_CLASSES
+from .cli import float_in, int_at_least, run_cli
 from .methods import Method, Setup, all_methods, cachekit_router, calibrate_magcache, diffusers_magcache
 from .plot import scatter
 
@@ -139,30 +143,69 @@ def to_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None):
+def _router_spec(text: str) -> tuple[Path, float | None]:
+    """FILE[:THRESHOLD] -> (file, threshold); the file must exist."""
+    path, sep, tail = text.rpartition(":")
+    if not sep:
+        path, tail = text, ""
+    try:
+        threshold = float(tail) if tail else None
+    except ValueError:
+        path, threshold = text, None          # a ':' that belongs to the file name
+    if not Path(path).is_file():
+        raise argparse.ArgumentTypeError(f"no such router file: {path}")
+    return Path(path), threshold
+
+
+def _check_router_fits(router: Router, steps: int) -> None:
+    """A router for another model or step count fails now, before any benchmark run."""
+    policy = RouterPolicy(router)
+    policy.check_units(dit_units(load("dit").network)[0])
+    policy.check_steps(steps)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Benchmark CacheKit and peers on the bundled tiny models.")
-    parser.add_argument("--models", nargs="*", default=["dit", "unet"])
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--images", type=int, default=12)
-    parser.add_argument("--cfg", type=float, default=3.0)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--only", nargs="*", help="method names to run (default: all)")
-    parser.add_argument("--router", nargs="*", default=[], metavar="FILE[:THRESHOLD]",
+    parser.add_argument("--models", nargs="+", choices=KINDS, default=list(KINDS))
+    parser.add_argument("--steps", type=int_at_least(2), default=25)
+    parser.add_argument("--images", type=int_at_least(1), default=12)
+    parser.add_argument("--cfg", type=float_in(0), default=3.0)
+    parser.add_argument("--repeats", type=int_at_least(1), default=3)
+    parser.add_argument("--only", nargs="+", help="method names to run (default: all)")
+    parser.add_argument("--router", nargs="*", default=[], type=_router_spec, metavar="FILE[:THRESHOLD]",
                         help="learned router files for the DiT (scripts/train_router.py), optionally with a threshold")
     parser.add_argument("--out", type=Path, default=Path("bench_out"))
     args = parser.parse_args(argv)
+    routers = [(load_any(path), threshold) for path, threshold in args.router]
+    router_methods = [cachekit_router(router, threshold) for router, threshold in routers]
+    everything = all_methods(magcache_ratios={}) + router_methods
+    known = sorted({m.name for m in everything})
+    unknown = sorted(set(args.only or ()) - set(known))
+    if unknown:
+        parser.error(f"--only: unknown method {', '.join(unknown)}; choose from {', '.join(known)}")
+    selected = lambda m: not args.only or m.name in args.only
+    if "dit" in args.models:
+        for (router, _), method in zip(routers, router_methods):
+            if selected(method):
+                _check_router_fits(router, args.steps)
+    args.methods = [m for m in everything if selected(m)]
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     torch.set_num_threads(1)
-    methods = all_methods(magcache_ratios={})
-    for spec in args.router:
-        path, _, threshold = spec.partition(":")
-        methods.append(cachekit_router(path, float(threshold) if threshold else None))
-    methods = [m for m in methods if not args.only or m.name in args.only]
     rows = []
     for kind in args.models:
-        rows += bench_model(kind, methods, steps=args.steps, images=args.images, cfg=args.cfg, repeats=args.repeats)
+        rows += bench_model(kind, args.methods, steps=args.steps, images=args.images, cfg=args.cfg,
+                            repeats=args.repeats)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "peers.json").write_text(json.dumps(rows, indent=1))
     table = to_markdown(rows)
     (args.out / "peers.md").write_text(table + "\n")
     scatter([r for r in rows if r["method"] != "uncached"], args.out / "peers.png")
     print(table)
+
+
+if __name__ == "__main__":
+    run_cli(main)

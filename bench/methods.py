@@ -61,16 +61,20 @@ def cachekit_adaptive(delta: float, max_skip_steps: int = 4) -> Method:
     return Method("AdaptiveDiffusion", f"delta={delta} max_skip={max_skip_steps}", "CacheKit", ("dit", "unet"), install)
 
 
-def cachekit_router(path, threshold: float | None = None, label: str | None = None) -> Method:
-    """A learned router file (trained with scripts/train_router.py) on the DiT."""
+def cachekit_router(router, threshold: float | None = None, label: str | None = None) -> Method:
+    """A learned router (a Router, or a file trained with scripts/train_router.py) on the DiT.
+    The file is read and the threshold checked now, before any benchmark run."""
+    from ..core.methods.router import NAMES, check_threshold
+    from ..core.routers import Router, load_any
+    check_threshold(threshold)
+    router = router if isinstance(router, Router) else load_any(router)
+
     def install(denoiser, scheduler, steps):
         d = _copy(denoiser)
-        handle = apply_router(d.network, path, threshold=threshold, scheduler=scheduler)
+        handle = apply_router(d.network, router, threshold=threshold, scheduler=scheduler)
         return Setup(d, finish=handle.finish_run)
-    from ..core.routers import load_router
-    method = load_router(path).method
-    name = {"l2c": "L2C", "harmonica": "HarmoniCa"}[method]
-    return Method(name, label or (f"threshold={threshold}" if threshold else "router"), "CacheKit", ("dit",), install)
+    return Method(NAMES[router.method], label or (f"threshold={threshold}" if threshold else "router"), "CacheKit",
+                  ("dit",), install)
 
 
 # -- peers -----------------------------------------------------------------------------------

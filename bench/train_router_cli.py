@@ -7,25 +7,27 @@
 DiTPipeline saved on disk (its scheduler, CFG 4). In ComfyUI, the Train Router node covers
 PixArt, Wan, SD3, Flux and Chroma. A checkpoint next to the
 output (.ckpt.pt) lets --resume continue. Output: CacheKit's router format.
+--quick: a small router in minutes on 2 CPU cores (fewer iterations, smaller batches).
 """
 from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from ..core.routers import save_router
 from ..core.routers.train import TrainConfig, train_router
-from ..tinymodels.architectures import NULL_CLASS
-from ..tinymodels.bundled import load
-from ..tinymodels.sampling import make_scheduler
-from ..tinymodels.shapes import NUM_CLASSES, SIZE
+from .cli import float_in, int_at_least, output_file, pipeline_dir, run_cli
 
 
 def bundled_dit(cfg: float = 3.0):
+    # Imported here, after the arguments are checked: the models import all of diffusers (seconds).
+    from ..tinymodels.architectures import NULL_CLASS
+    from ..tinymodels.bundled import load
+    from ..tinymodels.sampling import make_scheduler
+    from ..tinymodels.shapes import NUM_CLASSES, SIZE
     denoiser = load("dit")
 
     def make_batch(g, batch):
@@ -42,8 +44,6 @@ def bundled_dit(cfg: float = 3.0):
 def dit_pipeline(path: str, cfg: float = 4.0):
     """A diffusers DiTPipeline saved on disk (class-conditional, ImageNet-style null class 1000)."""
     from diffusers import DiTPipeline
-    if not Path(path).is_dir():
-        raise SystemExit(f"--pipeline must be a folder with a saved DiTPipeline (save_pretrained); got {path}")
     pipe = DiTPipeline.from_pretrained(path, local_files_only=True)
     model = pipe.transformer.eval()
     channels, size = model.config.in_channels, model.config.sample_size
@@ -70,39 +70,59 @@ def _distributed():
     return dist
 
 
-def main(argv=None):
+# A full run trains 200 iterations of batch 8 (or until --minutes); --quick a usable first router.
+FULL = {"iterations": 200, "batch": 8}
+QUICK = {"iterations": 20, "batch": 2}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Train a CacheKit router.")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", choices=("dit",), default="dit", help="a bundled model")
-    source.add_argument("--pipeline", help="a diffusers DiTPipeline saved on disk (local only)")
+    source.add_argument("--pipeline", type=pipeline_dir, help="a diffusers DiTPipeline saved on disk (local only)")
     parser.add_argument("--method", choices=("harmonica", "l2c"), default="harmonica")
-    parser.add_argument("--steps", type=int, default=20, help="sampling steps the router is for")
-    parser.add_argument("--iterations", type=int, default=200)
-    parser.add_argument("--minutes", type=float)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=0.01)
-    parser.add_argument("--l1", type=float, default=1e-4)
-    parser.add_argument("--threshold", type=float, default=0.5)
+    parser.add_argument("--steps", type=int_at_least(2), default=20, help="sampling steps the router is for")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"a first router in minutes: {QUICK['iterations']} iterations of batch {QUICK['batch']} "
+                             f"(default {FULL['iterations']} of batch {FULL['batch']})")
+    parser.add_argument("--iterations", type=int_at_least(1), help=f"default {FULL['iterations']}")
+    parser.add_argument("--minutes", type=float_in(0, low_open=True), help="stop after this long, whatever the iterations")
+    parser.add_argument("--batch", type=int_at_least(1), help=f"default {FULL['batch']}")
+    parser.add_argument("--lr", type=float_in(0, low_open=True), default=0.01)
+    parser.add_argument("--l1", type=float_in(0), default=1e-4)
+    parser.add_argument("--threshold", type=float_in(0, 1, low_open=True, high_open=True), default=0.5)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=output_file(".safetensors"), required=True)
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args(argv)
+    for key, full in FULL.items():          # explicit values win over --quick
+        if getattr(args, key) is None:
+            setattr(args, key, QUICK[key] if args.quick else full)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     dist = _distributed()
     rank = dist.get_rank() if dist is not None else 0
     torch.set_num_threads(1 if dist is not None else max(1, torch.get_num_threads()))
     model, scheduler, make_batch, call = dit_pipeline(args.pipeline) if args.pipeline else bundled_dit()
     config = TrainConfig(args.method, args.steps, args.iterations, args.batch, args.lr, args.l1, args.threshold,
                          seed=args.seed, minutes=args.minutes)
-    bar = tqdm(total=args.iterations, desc=f"router ({args.method})", disable=rank != 0)
+    bar = None          # made at the first iteration: an error before it prints no bar
 
     def progress(done, total, loss):
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc=f"router ({args.method})", disable=rank != 0)
         bar.n = done
         bar.set_postfix(loss=f"{loss:.2e}")
         bar.refresh()
     checkpoint = args.out.with_suffix(".ckpt.pt")
     router = train_router(model, scheduler, make_batch, call, config, family=type(model).__name__, checkpoint=checkpoint,
                           resume=args.resume, progress=progress, distributed=dist)
-    bar.close()
+    if bar is not None:
+        bar.close()
     if rank == 0:
         save_router(router, args.out)
         recompute = router.recompute().float().mean().item()
@@ -116,4 +136,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

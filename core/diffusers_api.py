@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from .clock import StepClock, window_from_percent
-from .diffusers_adapter import UnitSlot, dit_units, is_unet, unet_units
+from .diffusers_adapter import DIT_LAYOUTS, UnitSlot, dit_units, is_unet, unet_units
 from .methods import DeepCacheConfig, DeepCachePolicy, ForaConfig, ForaPolicy
 from .methods.base import Policy
 from .proxy import make_proxy
@@ -225,13 +225,16 @@ def apply_router(target: Any, router: Any, *, threshold: float | None = None, sc
     """A learned L2C / HarmoniCa router (our .safetensors, an official L2C .pt, or a Router) on a
     diffusers DiT or PixArt transformer. Depth and layout are checked now, the step count when
     sampling starts."""
-    from .methods.router import RouterPolicy
-    from .routers import Router, load_official, load_router
+    from .methods.router import RouterPolicy, check_threshold, not_a_dit
+    from .routers import Router, load_any
+    check_threshold(threshold)
     model, scheduler = _resolve(target, scheduler)
+    if type(model).__name__ not in DIT_LAYOUTS:
+        raise not_a_dit(type(model).__name__, "diffusers " + ", ".join(sorted(DIT_LAYOUTS)), is_unet(model),
+                        "DeepCache (apply_deepcache)")
     _check_free(model)
     if not isinstance(router, Router):
-        path = str(router)
-        router = load_official(path) if path.endswith((".pt", ".pth")) else load_router(path)
+        router = load_any(router)
     policy = RouterPolicy(router, threshold)
     units, slots = dit_units(model)
     policy.check_units(units)

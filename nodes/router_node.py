@@ -6,10 +6,10 @@ import os
 import folder_paths
 from comfy_api.latest import io
 
-from ..core.methods.router import RouterPolicy
-from ..core.routers import load_official, load_router
+from ..core.methods.router import RouterPolicy, check_threshold, not_a_dit
+from ..core.routers import load_any
 from .comfy_host import diffusion_model_of, install
-from .comfy_units import dit_layout
+from .comfy_units import FORA_FAMILIES_TEXT, ComfyLayout, dit_layout, unet_layout
 from .method_nodes import CATEGORY, PATCH_NODE, _node_id
 
 FOLDER = "cachekit_routers"
@@ -29,7 +29,25 @@ def load_router_file(name: str):
     if path is None:
         raise ValueError(f"Router {name!r} is not in models/{FOLDER}/. Put router files there (our .safetensors, "
                          "or an official L2C .pt / .pth) and refresh.")
-    return load_official(path) if path.endswith((".pt", ".pth")) else load_router(path)
+    return load_any(path)
+
+
+def _is_unet(diffusion_model) -> bool:
+    try:
+        unet_layout(diffusion_model)
+        return True
+    except ValueError:
+        return False
+
+
+def router_layout(model) -> ComfyLayout:
+    """The model's DiT sub-layers; any other model is refused in router words (not FORA's)."""
+    diffusion_model = diffusion_model_of(model)
+    try:
+        return dit_layout(diffusion_model)
+    except ValueError:
+        raise not_a_dit(type(diffusion_model).__name__, FORA_FAMILIES_TEXT, _is_unet(diffusion_model),
+                        "DeepCache (CacheKit)") from None
 
 
 class CacheKitRouter(io.ComfyNode):
@@ -57,8 +75,9 @@ class CacheKitRouter(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, router_name, threshold) -> io.NodeOutput:
+        check_threshold(threshold)                # ComfyUI's min/max check lets NaN through
         router = load_router_file(router_name)
         policy = RouterPolicy(router, threshold if threshold > 0 else None)
-        layout = dit_layout(diffusion_model_of(model))
+        layout = router_layout(model)
         policy.check_units(layout.units)          # depth / layout now; the step count when sampling starts
         return io.NodeOutput(install(model, layout, policy, 0.0, 1.0, _node_id(cls)))

@@ -7,6 +7,7 @@ from pack import load_pack  # noqa: E402
 
 load_pack()
 from cachekit.bench.harness import main  # noqa: E402
+from cachekit.bench.cli import run_cli  # noqa: E402
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

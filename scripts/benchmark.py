@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pack import load_pack  # noqa: E402
 
 ck = load_pack()
+from cachekit.bench.cli import int_at_least, run_cli  # noqa: E402
 from cachekit.core.diffusers_api import CacheHandle  # noqa: E402
 from cachekit.core.session import CacheSession  # noqa: E402
 from cachekit.core.quality import psnr as image_psnr  # noqa: E402
@@ -231,16 +232,25 @@ def to_markdown(rows):
     return "\n".join(lines)
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--methods", nargs="*", default=list(METHODS))
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--interval", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--repeats", type=int_at_least(1), default=7)
+    parser.add_argument("--steps", type=int_at_least(2), default=20)
+    parser.add_argument("--batch", type=int_at_least(1), default=8)
+    parser.add_argument("--interval", type=int_at_least(2), default=3, help="cache interval (2 or more: 1 caches nothing)")
+    parser.add_argument("--threads", type=int_at_least(1), default=1)
     parser.add_argument("--out", default="bench_out")
     args = parser.parse_args(argv)
+    if args.steps <= args.interval:
+        # Overhead (b) is measured on cache steps; with steps <= interval there are none.
+        parser.error(f"--steps ({args.steps}) must be greater than --interval ({args.interval}), so that some "
+                     "steps reuse the cache")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = []
     for name in args.methods:
@@ -256,4 +266,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

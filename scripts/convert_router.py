@@ -13,19 +13,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pack import load_pack  # noqa: E402
 
 load_pack()
-from cachekit.core.routers import RouterError, load_official, save_router  # noqa: E402
+from cachekit.bench.cli import float_in, output_file, run_cli  # noqa: E402
+from cachekit.core.routers import load_official, save_router  # noqa: E402
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("source", type=Path)
-    parser.add_argument("output", type=Path)
-    parser.add_argument("--threshold", type=float, help="default: the official README's (0.1 for DiT)")
+    parser.add_argument("source", type=Path, help="an official L2C router (.pt / .pth)")
+    parser.add_argument("output", type=output_file(".safetensors"))
+    parser.add_argument("--threshold", type=float_in(0, 1, low_open=True, high_open=True),
+                        help="default: the official README's (0.1 for DiT)")
     args = parser.parse_args(argv)
-    try:
-        router = load_official(args.source, args.threshold)
-    except RouterError as error:
-        raise SystemExit(f"error: {error}")
+    router = load_official(args.source, args.threshold)      # a wrong or damaged file: RouterError
     save_router(router, args.output)
     print(f"{args.output}: {router.method} router for {router.family} depth {router.depth}, {router.num_steps} steps, "
           f"threshold {router.threshold}")
@@ -33,4 +32,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -273,3 +273,49 @@ def test_cli_trains_a_router_for_a_pipeline_saved_on_disk(tmp_path):
     assert router.num_steps == 4 and router.depth == 2 and router.method == "l2c"
     handle = apply_router(DiTPipeline.from_pretrained(tmp_path / "pipe").transformer, router, num_inference_steps=4)
     handle.remove()
+
+
+@pytest.mark.parametrize("threshold", [2.0, -0.1, float("nan"), float("inf")])
+def test_a_threshold_outside_0_to_1_is_refused_naming_the_value_and_the_range(threshold):
+    with pytest.raises(ValueError, match=rf"threshold must be between 0 and 1.*got {threshold}"):
+        apply_router(_tiny_dit(), _router(), threshold=threshold, num_inference_steps=6)
+
+
+def test_a_router_on_a_unet_is_refused_as_a_router_error_not_a_fora_one():
+    import tiny_diffusers as td
+    with pytest.raises(RouterError, match=r"Learned routers work on DiTs .*this model is a U-Net .*DeepCache") as error:
+        apply_router(td.unet(), _router(), num_inference_steps=6)
+    assert "FORA" not in str(error.value)
+
+
+def _junk_router_files(tmp_path: Path) -> dict[str, Path]:
+    """Files users do hand to the router loaders: text, renamed safetensors, random bytes."""
+    good = save_router(_router(), tmp_path / "good.safetensors")
+    files = {
+        "text.safetensors": b"a text file renamed to .safetensors\n",
+        "text.pt": b"hello, this is a text file\n",            # torch.load: KeyError 101
+        "stack.pt": b"sq\x10 " + bytes(range(200)),            # torch.load: IndexError (pop from empty list)
+        "empty.pt": b"",
+        "empty.safetensors": b"",
+        "safetensors_renamed.pt": good.read_bytes(),
+        "truncated.pt": (FIXTURES / "DiT-XL-2_DDIM20_router.pt").read_bytes()[:3000]
+        if (FIXTURES / "DiT-XL-2_DDIM20_router.pt").exists() else b"PK\x03\x04" + bytes(100),
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    return {name: tmp_path / name for name in files}
+
+
+def test_junk_router_files_give_one_clear_value_error_never_a_raw_one(tmp_path):
+    for name, path in _junk_router_files(tmp_path).items():
+        loaders = [load_official, lambda p: apply_router(_tiny_dit(), p, num_inference_steps=6)]
+        if name != "safetensors_renamed.pt":          # load_router reads it: the content is a good router
+            loaders.append(load_router)
+        for load in loaders:
+            with pytest.raises(RouterError) as error:
+                load(path)
+            message = str(error.value)
+            assert name in message and "\n" not in message, message
+            # torch's own advice (weights_only=False) must never reach the user, nor a claim
+            # that junk "asks to build Python objects" (that is for real pickles with code).
+            assert "weights_only" not in message and "Python objects" not in message, message

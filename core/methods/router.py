@@ -20,6 +20,21 @@ from .base import Plan, full_plan
 NAMES = {"l2c": "L2C", "harmonica": "HarmoniCa"}
 
 
+def check_threshold(threshold: float | None) -> None:
+    """Refuse a threshold override outside [0, 1] (NaN included: it would silently never recompute)."""
+    if threshold is not None and not 0.0 <= float(threshold) <= 1.0:
+        raise RouterError(f"Router threshold must be between 0 and 1, got {threshold}: a sub-layer is recomputed "
+                          "where sigmoid(logit) > threshold. Leave it unset to use the router's own.")
+
+
+def not_a_dit(model_name: str, families: str, is_unet: bool, deepcache: str) -> RouterError:
+    """The error for a model routers cannot work on: they decide per DiT sub-layer."""
+    if is_unet:
+        return RouterError(f"Learned routers work on DiTs ({families}); this model is a U-Net ({model_name}): "
+                           f"use {deepcache}.")
+    return RouterError(f"Learned routers work on DiTs ({families}); CacheKit cannot route {model_name}.")
+
+
 def routed_steps(method: str, num_steps: int) -> list[bool]:
     if method == "l2c":
         return [k > 0 and (num_steps - 1 - k) % 2 == 0 for k in range(num_steps)]
@@ -30,6 +45,9 @@ def routed_steps(method: str, num_steps: int) -> list[bool]:
 class RouterPolicy:
     router: Router
     threshold: float | None = None
+
+    def __post_init__(self) -> None:
+        check_threshold(self.threshold)
 
     @property
     def name(self) -> str:

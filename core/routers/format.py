@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from .sniff import wrong_content
+
 FORMAT, VERSION = "cachekit-router", "1"
 METHODS = ("l2c", "harmonica")
 
@@ -90,10 +92,13 @@ def save_router(router: Router, path: str | Path) -> Path:
 
 def load_router(path: str | Path) -> Router:
     """Load a router in our format. Anything else is refused with a RouterError (never executed)."""
-    from safetensors import SafetensorError, safe_open
+    from safetensors import safe_open
     path = Path(path)
     if not path.is_file():
         raise RouterError(f"router file not found: {path}")
+    wrong = wrong_content(path, "safetensors")
+    if wrong:
+        raise RouterError(wrong)
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
@@ -101,11 +106,12 @@ def load_router(path: str | Path) -> Router:
             if keys != {"logits"}:
                 raise RouterError(f"{path.name}: expected one tensor 'logits', found {sorted(keys)}")
             logits = f.get_tensor("logits")
-    except (SafetensorError, OSError, ValueError) as error:
-        if isinstance(error, RouterError):
-            raise
-        raise RouterError(f"{path.name} is not a readable safetensors router file ({error}). Official .pt/.pth "
-                          "routers: convert them with scripts/convert_router.py.") from error
+    except RouterError:
+        raise
+    except Exception as error:      # safetensors reads without running code: any failure means a damaged file
+        reason = " ".join(str(error).split())[:200]
+        raise RouterError(f"{path.name} is not a readable safetensors router file ({reason}): it is damaged "
+                          "(truncated?) or not a router.") from error
     if meta.get("format") != FORMAT:
         raise RouterError(f"{path.name} is a safetensors file but not a CacheKit router (metadata format="
                           f"{meta.get('format')!r})")

@@ -14,13 +14,14 @@ pickle that would call a function, is refused before any object is built, and no
 from __future__ import annotations
 
 import argparse
-import pickle
 import re
+import warnings
 from pathlib import Path
 
 import torch
 
 from .format import Router, RouterError
+from .sniff import wrong_content
 
 ALLOWED_GLOBALS = [argparse.Namespace]
 DIT_THRESHOLD = 0.1            # the official README's inference threshold for DiT-XL/2 (DDIM 20 and 50)
@@ -38,16 +39,23 @@ def space_timesteps(num_timesteps: int, count: int) -> list[int]:
 
 
 def _torch_load(path: Path):
+    wrong = wrong_content(path, "torch")
+    if wrong:
+        raise RouterError(wrong)
     try:
-        with torch.serialization.safe_globals(ALLOWED_GLOBALS):
+        # torch warns about odd pickle protocols before failing on a junk file: the user gets our message only.
+        with torch.serialization.safe_globals(ALLOWED_GLOBALS), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             return torch.load(str(path), map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, ImportError) as error:
-        text = str(error)
-        if "weights_only" in text or "Unsupported global" in text or "not an allowed global" in text.lower():
-            raise RouterError(f"{path.name} was refused: it asks to build Python objects outside the allow-list "
-                              f"({', '.join(c.__name__ for c in ALLOWED_GLOBALS)}). It is not an official L2C router, "
-                              "and CacheKit never runs code from a file.") from error
-        raise RouterError(f"{path.name} is not a readable router file ({type(error).__name__}: {text[:200]})") from error
+    except Exception as error:      # the weights-only unpickler runs no code: any failure means a bad file
+        refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+        if refused:
+            raise RouterError(f"{path.name} was refused: it asks to build {refused.group(1)}, and only tensors, plain "
+                              f"containers and {', '.join(c.__name__ for c in ALLOWED_GLOBALS)} are allowed. It is not "
+                              "an official L2C router; CacheKit never runs code from a file.") from error
+        # torch's own text is left out: it suggests weights_only=False, which would run the file's code.
+        raise RouterError(f"{path.name} is not a readable PyTorch router file: it is damaged (truncated?) or not an "
+                          "official L2C router.") from error
 
 
 def _prob_rows(table, path: Path) -> torch.Tensor:

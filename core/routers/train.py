@@ -21,6 +21,7 @@ Logits are clamped to [-5, 5] after each update, as the official trainers do.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ import torch
 from ..diffusers_adapter import dit_units
 from ..streams import Tree, tree_map
 from ..methods.router import routed_steps
-from .format import Router
+from .format import METHODS, Router
 
 
 class SoftUnits:
@@ -97,6 +98,27 @@ class TrainConfig:
     lambda_every: int = 50          # IEP refresh (harmonica)
     seed: int = 0
     minutes: float | None = None    # stop after this much time, whatever the iterations
+
+    def __post_init__(self) -> None:
+        """Refuse settings the loop cannot train with, before any model is touched."""
+        def finite(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        problems = [
+            (self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}"),
+            (isinstance(self.num_steps, int) and self.num_steps >= 2,
+             f"steps must be at least 2 (the first step has nothing cached to reuse), got {self.num_steps}"),
+            (isinstance(self.iterations, int) and self.iterations >= 1, f"iterations must be at least 1, got {self.iterations}"),
+            (isinstance(self.batch, int) and self.batch >= 1, f"batch must be at least 1, got {self.batch}"),
+            (finite(self.lr) and self.lr > 0, f"lr must be a number > 0, got {self.lr}"),
+            (finite(self.l1) and self.l1 >= 0, f"l1 must be a number >= 0, got {self.l1}"),
+            (finite(self.threshold) and 0 < self.threshold < 1, f"threshold must be between 0 and 1, got {self.threshold}"),
+            (isinstance(self.lambda_every, int) and self.lambda_every >= 1,
+             f"lambda_every must be at least 1, got {self.lambda_every}"),
+            (self.minutes is None or (finite(self.minutes) and self.minutes > 0), f"minutes must be > 0, got {self.minutes}"),
+        ]
+        for ok, message in problems:
+            if not ok:
+                raise ValueError(f"Router training: {message}.")
 
 
 @dataclass
