@@ -6,10 +6,16 @@
     print(handle.telemetry.summary())
     handle.remove()                                               # the model is as before
 
-The step of each model call comes from the scheduler (`scheduler.timesteps.index(t)`, as the
-official DeepCache helper does). Without a scheduler, pass `num_inference_steps`: a new step
-starts when the timestep changes, a new run when it goes up again or the steps are used up.
-A run's state is dropped when the next run starts and when the handle is removed.
+The step of each model call comes from the scheduler, as the official DeepCache helper
+(`DeepCacheSDHelper`) counts it: the first index of the call's timestep in
+`scheduler.timesteps`. Schedulers that repeat timesteps (Heun) thus give both calls of a step
+one index, and a run is anchored at its first call's index: img2img pipelines start part-way
+into `scheduler.timesteps`, and a method's schedule (DeepCache's full steps, FORA's countdown,
+the start/end window) counts from there, so DeepCache's full steps are where
+`(index - first index) % N == 0`, bit-identical to the official helper. (ComfyUI's host keeps
+its own, sigma-based step: see core/clock.py.) Without a scheduler, pass `num_inference_steps`:
+a new step starts when the timestep changes, a new run when it goes up again or the steps are
+used up. A run's state is dropped when the next run starts and when the handle is removed.
 """
 from __future__ import annotations
 
@@ -120,8 +126,10 @@ class CacheHandle(RunRecorder):
         new_run, step, sigma = self._tracker.locate(t, self.session is not None)
         if new_run:
             self.finish_run()
-            num_steps = self._tracker.num_steps
-            window = window_from_percent(num_steps, self.start_percent, self.end_percent)
+            num_steps, first = self._tracker.num_steps, self._tracker.first_step
+            # The window and the method's schedule count from the run's first call (img2img).
+            rest = window_from_percent(num_steps - first, self.start_percent, self.end_percent)
+            window = range(first + rest.start, first + rest.stop)
             self.session = CacheSession(self.owner, self.units, self.policy, self._tracker.clock, window)
         return self.session, sigma
 
@@ -129,9 +137,12 @@ class CacheHandle(RunRecorder):
 class StepTracker:
     """Which run and step a model call belongs to, from its timestep.
 
-    With a scheduler: the index of the timestep in scheduler.timesteps; a new run starts when
-    the index goes back or the schedule's length changes. Without: a new step starts when the
-    timestep changes, a new run when it goes up or num_inference_steps are used up.
+    With a scheduler: the first index of the timestep in scheduler.timesteps (as the official
+    DeepCache helper); a new run starts when the index goes back or the schedule's length
+    changes, and `first_step` is the index of its first call. Without: a new step starts when
+    the timestep changes, a new run when it goes up or num_inference_steps are used up.
+    The run's clock is a stand-in schedule n, n-1, ..., 0 whose step i is at "sigma" n - i:
+    timesteps may repeat (Heun) and a clock needs strictly decreasing values.
     """
 
     def __init__(self, scheduler: Any = None, num_inference_steps: int | None = None):
@@ -143,6 +154,7 @@ class StepTracker:
         self.clock: StepClock | None = None
         self._last_t: float | None = None
         self._step = -1
+        self.first_step = 0
 
     @property
     def num_steps(self) -> int:
@@ -154,7 +166,7 @@ class StepTracker:
             timesteps = [float(v) for v in torch.as_tensor(self.scheduler.timesteps).flatten()]
             step = _index_of(timesteps, t)
             new_run = not in_run or step < self._step or self.clock is None or len(timesteps) != self.clock.num_steps
-            schedule = timesteps
+            num_steps = len(timesteps)
         else:
             changed = t != self._last_t
             step = self._step + 1 if changed else self._step
@@ -162,17 +174,20 @@ class StepTracker:
                        or step >= self.num_inference_steps)
             if new_run:
                 step = 0
-            schedule = [float(v) for v in range(self.num_inference_steps, 0, -1)]
+            num_steps = self.num_inference_steps
         if new_run:
-            self.clock = StepClock(schedule + [min(schedule) - 1.0])
+            self.clock = StepClock([float(num_steps - i) for i in range(num_steps + 1)])
+            self.first_step = step
         self._step, self._last_t = step, t
-        return new_run, step, (schedule[step] if self.scheduler is None else t)
+        return new_run, step, float(num_steps - step)
 
 
 def _index_of(timesteps: list[float], t: float | None) -> int:
     if t is None:
         raise ValueError("CacheKit could not read the timestep of a model call.")
-    best = min(range(len(timesteps)), key=lambda i: abs(timesteps[i] - t))
+    # The nearest timestep, and of equal ones the first (as list.index): a repeated timestep
+    # (Heun) is one step.
+    best = min(range(len(timesteps)), key=lambda i: (abs(timesteps[i] - t), i))
     if abs(timesteps[best] - t) > 1e-3 * max(1.0, abs(t)):
         raise ValueError(f"Timestep {t} is not in the scheduler's timesteps; call scheduler.set_timesteps "
                          "before sampling, or pass num_inference_steps instead of the scheduler.")

@@ -40,11 +40,28 @@ def make_proxy(module: torch.nn.Module, owner: str, index: int, extra: dict[str,
     last decides first, and computes by asking the earlier one.
     """
     base = original_class(module)
+    state = dict(module.__dict__)
+    _check_no_foreign_forward(module, state.pop("forward", None), base)
     cls = _proxy_class(base, extra or {})
     proxy = cls.__new__(cls)
-    proxy.__dict__.update(module.__dict__)   # shares the attribute dicts, copies nothing heavy
+    proxy.__dict__.update(state)             # shares the attribute dicts, copies nothing heavy
     proxy.__dict__[LINKS] = tuple(module.__dict__.get(LINKS, ())) + ((owner, index),)
     return proxy
+
+
+def _check_no_foreign_forward(module: torch.nn.Module, forward: Any, base: type) -> None:
+    """An instance `forward` would win over the proxy's and leave the unit silently uncached.
+
+    The module's own forward bound to itself (what DeepCacheSDHelper.disable() leaves behind) is
+    harmless and dropped; anything else belongs to other machinery (a hook, an offloader,
+    another cache) that CacheKit cannot keep and bypass at once: refuse, say what to do."""
+    if forward is None:
+        return
+    if getattr(forward, "__self__", None) is module and getattr(forward, "__func__", None) is base.forward:
+        return
+    raise ValueError(f"A {base.__name__} of this model has its own `forward` set by another tool (a hook, "
+                     "offloading or another cache), which CacheKit would bypass or be bypassed by. Remove that "
+                     "tool (or load the model afresh) before applying CacheKit.")
 
 
 def run_links(module: torch.nn.Module, compute_original, unit_input: Any):
