@@ -5,7 +5,6 @@ Tiny random components, no text encoder (embeddings are passed in), 32 px."""
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch
@@ -16,11 +15,13 @@ diffusers = pytest.importorskip("diffusers")
 DeepCache = pytest.importorskip("DeepCache", reason="the official DeepCache package is not installed")
 
 STEPS, INTERVAL = 10, 3
+# Tiny pipelines built from default configs: diffusers warns about every one (steps_offset, ...).
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning",
+                                        "ignore::UserWarning")
 
 
 @pytest.fixture(scope="module")
 def parts():
-    warnings.filterwarnings("ignore")
     torch.manual_seed(0)
     unet = diffusers.UNet2DConditionModel(
         sample_size=16, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64),
