@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from ..core.autotune import METHODS, check_target
 from ..core.diffusers_autotune import autotune_diffusers
-from .cli import int_at_least, output_file, pipeline_dir, run_cli
+from .cli import fill_defaults, int_at_least, output_file, pipeline_dir, run_cli
 
 
 def _bundled(kind: str, steps: int, images: int, seed: int):
@@ -76,9 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-trials", type=int_at_least(1), help=f"default {FULL['max_trials']}")
     parser.add_argument("--json", type=output_file(".json"))
     args = parser.parse_args(argv)
-    for key, full in FULL.items():          # explicit values win over --quick
-        if getattr(args, key) is None:
-            setattr(args, key, QUICK[key] if args.quick else full)
+    fill_defaults(args, FULL, QUICK)
     args.target = ("psnr", args.target_psnr) if args.target_psnr is not None else ("speedup", args.target_speedup)
     check_target(*args.target)
     return args

@@ -53,6 +53,14 @@ def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None =
              else f"{error.strerror}: {error.filename}")
 
 
+def fill_defaults(args: argparse.Namespace, full: dict, quick: dict) -> None:
+    """Options left unset take the full run's default, or the quick one with --quick; values the
+    user gave win over both."""
+    for key, default in full.items():
+        if getattr(args, key) is None:
+            setattr(args, key, quick[key] if args.quick else default)
+
+
 # -- argparse `type=` checkers: each names the rule a value broke ----------------------------
 def int_at_least(low: int) -> Callable[[str], int]:
     def parse(text: str) -> int:

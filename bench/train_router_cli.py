@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from ..core.routers import save_router
 from ..core.routers.train import TrainConfig, train_router
-from .cli import float_in, int_at_least, output_file, pipeline_dir, run_cli
+from .cli import fill_defaults, float_in, int_at_least, output_file, pipeline_dir, run_cli
 
 
 def bundled_dit(cfg: float = 3.0):
@@ -95,9 +95,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", type=output_file(".safetensors"), required=True)
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args(argv)
-    for key, full in FULL.items():          # explicit values win over --quick
-        if getattr(args, key) is None:
-            setattr(args, key, QUICK[key] if args.quick else full)
+    fill_defaults(args, FULL, QUICK)
     return args
 
 
