@@ -29,7 +29,7 @@ if [ "$(cat "$_ck_cache/.ready" 2>/dev/null)" != "$_ck_key" ]; then
   # below lacks, and diffusers then fails to import.
   "$_ck_cache/venv/bin/python" -m pip install -q "torch==${CACHEKIT_TORCH_VERSION:-2.13.0}" "transformers<5" \
     -r "$_ck_cache/requirements-comfy.txt" -r requirements-dev.txt
-  "$_ck_cache/venv/bin/python" -m pip install -q --no-deps spandrel "DeepCache==0.1.1"
+  "$_ck_cache/venv/bin/python" -m pip install -q --no-deps spandrel   # DeepCache: scripts/setup.sh
   # The stand-in: torch 2.13.0 has no matching torchvision here (see the snapshot's README).
   # ComfyUI imports torchvision at start (Cosmos code) and spandrel needs transforms.functional.
   "$_ck_cache/venv/bin/python" -c "import site; print(site.getsitepackages()[0])" \
