@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 # pytest imports a checkout's root __init__.py as a plain module when the folder name is not
 # an identifier (e.g. "ComfyUI-CacheKit"); relative imports only work inside a package.
 if __package__:
-    from .core import (CacheHandle, StepSkipHandle, apply_adaptive_skip, apply_deepcache, apply_fora,
+    from .diffusers_host import (CacheHandle, StepSkipHandle, apply_adaptive_skip, apply_deepcache, apply_fora,
                        apply_router, autotune_diffusers, remove_cache)
 
 

@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from ..core.autotune import METHODS, check_target
-from ..core.diffusers_autotune import autotune_diffusers
+from ..diffusers_host.autotune import autotune_diffusers
 from .cli import fill_defaults, int_at_least, output_file, pipeline_dir, run_cli
 
 

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from ..tinymodels.architectures import Denoiser
 from ..tinymodels.bundled import KINDS, load, load_classifier
 from ..tinymodels.sampling import make_scheduler, sample
-from ..core.diffusers_adapter import dit_units
+from ..diffusers_host.units import dit_units
 from ..core.methods.router import RouterPolicy
 from ..core.quality import psnr, ssim
 from ..core.routers import Router, load_any

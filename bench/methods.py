@@ -10,7 +10,8 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..core import apply_adaptive_skip, apply_deepcache, apply_fora, apply_router
+from ..core.methods import registry
+from ..diffusers_host import registry as host
 from ..tinymodels.architectures import Denoiser
 
 
@@ -30,6 +31,7 @@ class Method:
     origin: str                                  # "CacheKit" or the peer's package
     models: tuple[str, ...]
     install: Callable[[Denoiser, Any, int], Setup] = field(compare=False)
+    key: str = ""                                # CacheKit: the method's registry key
 
 
 def _copy(denoiser: Denoiser) -> Denoiser:
@@ -37,28 +39,38 @@ def _copy(denoiser: Denoiser) -> Denoiser:
 
 
 # -- CacheKit ------------------------------------------------------------------------------
-def cachekit_deepcache(interval: int, branch: int) -> Method:
+def _models(spec: registry.MethodSpec) -> tuple[str, ...]:
+    return tuple(kind for kind in ("dit", "unet") if spec.fits_model(kind))
+
+
+def cachekit_method(key: str, **settings) -> Method:
+    """Any registered CacheKit method with keyword settings (checked now, before any run)."""
+    spec = registry.get(key)
+    spec.make_config(settings)
+
     def install(denoiser, scheduler, steps):
         d = _copy(denoiser)
-        handle = apply_deepcache(d.network, cache_interval=interval, cache_branch=branch, scheduler=scheduler)
+        handle = host.apply(d.network, key, scheduler=scheduler, **settings)
         return Setup(d, finish=handle.finish_run)
-    return Method("DeepCache", f"N={interval} branch={branch}", "CacheKit", ("unet",), install)
+    return Method(spec.name, spec.label(settings), "CacheKit", _models(spec), install, key)
+
+
+def cachekit_deepcache(interval: int, branch: int) -> Method:
+    return cachekit_method("deepcache", cache_interval=interval, cache_branch=branch)
 
 
 def cachekit_fora(interval: int) -> Method:
-    def install(denoiser, scheduler, steps):
-        d = _copy(denoiser)
-        handle = apply_fora(d.network, interval=interval, scheduler=scheduler)
-        return Setup(d, finish=handle.finish_run)
-    return Method("FORA", f"N={interval}", "CacheKit", ("dit",), install)
+    return cachekit_method("fora", interval=interval)
 
 
 def cachekit_adaptive(delta: float, max_skip_steps: int = 4) -> Method:
-    def install(denoiser, scheduler, steps):
-        d = _copy(denoiser)
-        handle = apply_adaptive_skip(d.network, delta=delta, max_skip_steps=max_skip_steps, scheduler=scheduler)
-        return Setup(d, finish=handle.finish_run)
-    return Method("AdaptiveDiffusion", f"delta={delta} max_skip={max_skip_steps}", "CacheKit", ("dit", "unet"), install)
+    return cachekit_method("adaptive", delta=delta, max_skip_steps=max_skip_steps)
+
+
+def cachekit_methods() -> list[Method]:
+    """The benchmark's rows of every registered method, at the settings its declaration lists
+    (routers need a router file: the harness adds them from --router)."""
+    return [cachekit_method(spec.key, **settings) for spec in registry.methods() for settings in spec.bench]
 
 
 def cachekit_router(router, threshold: float | None = None, label: str | None = None) -> Method:
@@ -71,10 +83,10 @@ def cachekit_router(router, threshold: float | None = None, label: str | None = 
 
     def install(denoiser, scheduler, steps):
         d = _copy(denoiser)
-        handle = apply_router(d.network, router, threshold=threshold, scheduler=scheduler)
+        handle = host.apply(d.network, "router", router=router, threshold=threshold, scheduler=scheduler)
         return Setup(d, finish=handle.finish_run)
     return Method(NAMES[router.method], label or (f"threshold={threshold}" if threshold else "router"), "CacheKit",
-                  ("dit",), install)
+                  _models(registry.get("router")), install, "router")
 
 
 # -- peers -----------------------------------------------------------------------------------
@@ -202,9 +214,7 @@ def calibrate_magcache(denoiser: Denoiser, steps: int, run) -> list[float]:
 
 
 def all_methods(magcache_ratios: dict | None = None) -> list[Method]:
-    methods = [cachekit_deepcache(n, b) for n in (2, 3, 5) for b in (0, 1)]
-    methods += [cachekit_fora(n) for n in (2, 3, 4, 5)]
-    methods += [cachekit_adaptive(d) for d in (0.01, 0.05, 0.2)]
+    methods = cachekit_methods()
     methods += [official_deepcache(n, 0) for n in (2, 3, 5)]
     methods += [diffusers_fbc(t) for t in (0.05, 0.1, 0.2)]
     methods += [diffusers_pab(s) for s in (2, 3)]

@@ -18,7 +18,8 @@ import torch
 from tqdm import tqdm
 
 from ..core.routers import save_router
-from ..core.routers.train import TrainConfig, train_router
+from ..core.routers.train import TrainConfig
+from ..diffusers_host.train import train_router
 from .cli import fill_defaults, float_in, int_at_least, output_file, pipeline_dir, run_cli
 
 

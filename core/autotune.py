@@ -16,39 +16,26 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 
+from .methods import registry
 from .quality import psnr
+from .units import UnitMap
 
-METHODS = ("deepcache", "fora", "adaptive")
 TARGETS = ("psnr", "speedup")
-
-
-# Shallow branches are fastest; deeper ones keep more of the U-Net live (quality for speed).
-DEEPCACHE_BRANCHES = (0, 1, 2, 3, 4, 6, 8)
-
-
-def deepcache_branches(max_branch: int) -> list[int]:
-    """The candidate branches a U-Net with branches 0..max_branch has."""
-    return [b for b in DEEPCACHE_BRANCHES if b <= max_branch]
-
-
-def ladders(method: str, deepcache_branches: Iterable[int] = (0, 1, 2)) -> list[list[dict]]:
-    """Candidate settings, as keyword arguments of the method's node / apply_* function."""
-    if method == "deepcache":
-        return [[{"cache_interval": n, "cache_branch": b} for n in (2, 3, 4, 5, 6, 8)] for b in deepcache_branches]
-    if method == "fora":
-        return [[{"interval": n, "start_percent": s} for n in (2, 3, 4, 5, 6, 8)] for s in (0.0, 0.2)]
-    if method == "adaptive":
-        return [[{"delta": d, "max_skip_steps": m} for d in (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)] for m in (2, 4)]
-    raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
-
-
+# The tunable methods and their off settings, read from the method registry on every use (a
+# method registered later is tunable without a change here).
+METHODS = registry.LiveNames(registry.tunable_keys)
 # The settings that turn each method off (what autotune returns when nothing meets the target).
-NO_CACHING = {"deepcache": {"cache_interval": 1, "cache_branch": 0}, "fora": {"interval": 1, "start_percent": 0.0},
-              "adaptive": {"delta": 0.0, "max_skip_steps": 4}}
+NO_CACHING = registry.LiveMapping(lambda: {s.key: dict(s.off) for s in registry.methods() if s.tunable})
+
+
+def ladders(method: str, units: UnitMap | None = None) -> list[list[dict]]:
+    """Candidate settings, as keyword arguments of the method's node / apply_* function. `units`:
+    the model's unit map where the host has it (DeepCache tries the branches the U-Net has)."""
+    return registry.get(method).ladders(units)
 
 
 @dataclass
@@ -76,7 +63,7 @@ class TuneResult:
 
     @property
     def settings(self) -> dict:
-        return dict(self.chosen.settings) if self.chosen else dict(NO_CACHING[self.method])
+        return dict(self.chosen.settings) if self.chosen else dict(registry.get(self.method).off)
 
     def frontier(self) -> list[Trial]:
         """Trials no other trial beats on both speed and PSNR, fastest first."""
@@ -113,6 +100,12 @@ def _fmt(settings: dict) -> str:
     return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in settings.items())
 
 
+def check_method(method: str) -> None:
+    """Refuse a method the registry does not know, or one without an autotune ladder."""
+    if not registry.get(method).tunable:
+        raise ValueError(f"{registry.get(method).name} cannot be tuned; choose one of {tuple(METHODS)}.")
+
+
 def check_target(target: str, value: float) -> None:
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}.")
@@ -129,6 +122,7 @@ def autotune(sample: Callable[[dict | None], tuple[torch.Tensor, float]], method
              progress: Callable[[int, int], None] | None = None) -> TuneResult:
     """Measure candidates and choose. `data_range`: PSNR's peak-to-peak range (None: the
     reference's own range, for latents); `ideal_speedup()` reads the last run's FLOP estimate."""
+    check_method(method)
     check_target(target, target_value)
     candidate_ladders = candidate_ladders if candidate_ladders is not None else ladders(method)
     total = 3 + min(max_trials, sum(map(len, candidate_ladders)))

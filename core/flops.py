@@ -1,8 +1,10 @@
 """FLOP profile of a model: per-unit and whole-call FLOPs per batch sample.
 
-Measured once per model and input signature with torch's FlopCounterMode on a call where
-every unit computes, then remembered (weakly keyed by the model module), so later runs pay
-nothing. The profile turns reuse counts into a FLOP-weighted estimate of the work skipped.
+Measured after a run, when a report first asks for it (never inside the sampling a user
+times): the host records the shapes of one model call's inputs, and the profile replays that
+call once on fake tensors (no memory, no compute) with torch's FlopCounterMode, every unit
+computing. The result is remembered per model and input signature (weakly keyed by the model),
+so later runs pay nothing. It turns reuse counts into a FLOP-weighted estimate of work skipped.
 """
 from __future__ import annotations
 
@@ -37,10 +39,12 @@ class FlopProfiler:
         return out
 
     def result(self) -> tuple[list[float], float] | None:
-        if not self._total:
+        """None unless the call did work and every unit ran (a unit that never ran means the
+        replay did not go through the patched model: no estimate beats a wrong one)."""
+        if not self._total or any(f is None for f in self._unit):
             return None
         per = self._samples
-        return [(f or 0.0) / per for f in self._unit], self._total / per
+        return [f / per for f in self._unit], self._total / per
 
     # -- memo: (module, signature) -> profile --
     @staticmethod
@@ -58,3 +62,22 @@ class FlopProfiler:
             _MEMO.setdefault(module, {})[signature] = profile
         except TypeError:
             pass
+
+
+def lazy_profile(session: Any, key: tuple[Any, Any], samples: int,
+                 replay: Callable[[], Any]) -> Callable[[], tuple[list[float], float] | None]:
+    """A telemetry flop_source: replay() calls the model once with inputs it builds from
+    recorded specs; it runs under FakeTensorMode inside the session's profile scope."""
+    def measure():
+        known = FlopProfiler.lookup(key)
+        if known is not None:
+            return known
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            with session.profile_scope(samples) as profiler:
+                replay()
+        result = profiler.result()
+        if result is not None:
+            FlopProfiler.remember(key, result)
+        return result
+    return measure

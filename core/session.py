@@ -1,9 +1,24 @@
-"""The cache runtime: one session per sampling run.
+"""The cache runtime: one session per sampling run, for every decision level.
 
-A host adapter opens a session when a sampling run starts and closes it when the run ends
-(also on error or interrupt), so nothing survives into the next run. Each model call goes
-through `CacheSession.model_call`, which fixes the step and the stream layout of that call;
-each unit goes through `run_unit`, the one place where a decision is executed and counted.
+A host opens a session when a sampling run starts and closes it when the run ends (also on
+error or interrupt; see core/lifecycle.py), so nothing survives into the next run. Each model
+call runs inside `call_scope`, which fixes once per call what every unit of the call needs: the
+step, the stream layout, the input signature, the decision row and whether the host edits
+outputs in place. Decisions are executed in exactly two places:
+
+* `run_unit`: a unit (block, sub-layer) computes or reuses; `run_region` skips a run of units
+  with one lookup when every one of them is reused;
+* `run_call`: the whole model call computes or reuses (step skipping: AdaptiveDiffusion).
+
+Policies only decide: static ones plan every step up front (`plan`), online ones decide per step
+from a probe (`decide`), and every online probe passes the agreement point (core/agreement.py).
+How a stored value becomes an output is a reuse strategy (core/reuse.py).
+
+Only what a later computed unit reads is stored: with the unit map's readers, a unit reused on a
+step where no computed unit reads its output returns an uninitialised placeholder of the right
+shape (the host's glue, e.g. a U-Net's skip-connection `cat`, still needs one), so DeepCache at
+branch 0 keeps one tensor instead of the whole deep region. Stored values are copied only on
+calls where the host edits unit outputs in place (ComfyUI's ControlNet `h += ctrl`, FreeU).
 
 Units find the session of the call they are part of through a context variable keyed by the
 owner (the patch that installed them), so module proxies stay stateless and shareable, and
@@ -14,15 +29,18 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import time
-from dataclasses import dataclass
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable, Iterable
 
 import torch
 
+from .agreement import agree
 from .clock import StepClock
 from .flops import FlopProfiler
 from .methods.base import Policy
-from .streams import CallLayout, StreamStore, Tree, first_tensor, input_signature, tree_map
+from .reuse import HOLD, add_residual, residual_of
+from .streams import (CallLayout, StreamStore, TensorSpec, Tree, empty_from_specs, input_signature, tensor_specs,
+                      tree_bytes, tree_map)
 from .telemetry import RunTelemetry
 from .units import StoreMode, UnitMap
 
@@ -34,9 +52,14 @@ class ActiveCall:
     session: "CacheSession"
     step: int
     layout: CallLayout
+    signature: tuple | None
     reuse_row: list[bool]
+    region_row: list[bool]
     samples: int
+    needed_row: list[bool] | None = None     # reused units a computed unit reads (None: all)
+    protect: bool = False
     profiler: FlopProfiler | None = None
+    stored: bool = False              # something was stored during this call
 
 
 def active_call(owner: str) -> ActiveCall | None:
@@ -44,112 +67,337 @@ def active_call(owner: str) -> ActiveCall | None:
     return _ACTIVE.get().get(owner)
 
 
+@dataclass(frozen=True)
+class _Spec:
+    """Shapes of a value that is not stored, to hand out a placeholder of the right shape.
+
+    Kept per stream (the batch dimension divided by the call's streams), so a value computed in
+    a joint cond+uncond call serves split calls and the other way round; a value whose batch
+    does not split evenly is only valid for the same layout."""
+    layout: CallLayout | None
+    signature: tuple
+    tree: Tree
+    # Placeholders already made, per number of streams: nothing computed reads them, so one set
+    # of tensors serves every step of the run (no allocation, no Python walk per cache step).
+    made: dict = field(default_factory=dict, compare=False)
+
+    @staticmethod
+    def of(value: Tree, call: ActiveCall) -> "_Spec":
+        chunks = call.layout.chunks
+        specs = tensor_specs(value)
+        leaves = []
+        tree_map(lambda t: leaves.append(t.shape[0] if t.dim() else -1), value)
+        if leaves and all(n > 0 and n % chunks == 0 for n in leaves):
+            return _Spec(None, call.signature, _scale_batch(specs, 1, chunks))
+        return _Spec(call.layout, call.signature, specs)
+
+    def placeholder(self, call: ActiveCall) -> Tree | None:
+        if self.signature != call.signature or (self.layout is not None and self.layout != call.layout):
+            return None
+        chunks = call.layout.chunks
+        made = self.made.get(chunks)
+        if made is None:
+            tree = self.tree if self.layout is not None else _scale_batch(self.tree, chunks, 1)
+            made = self.made[chunks] = empty_from_specs(tree)
+        return made
+
+
+def _scale_batch(specs: Tree, multiply: int, divide: int) -> Tree:
+    if isinstance(specs, TensorSpec):
+        return TensorSpec((specs.shape[0] * multiply // divide,) + specs.shape[1:], specs.dtype, specs.device)
+    if isinstance(specs, (tuple, list)):
+        values = [_scale_batch(s, multiply, divide) for s in specs]
+        return values if isinstance(specs, list) else tuple(values)
+    if isinstance(specs, dict):
+        return {k: _scale_batch(v, multiply, divide) for k, v in specs.items()}
+    return specs
+
+
 class CacheSession:
-    def __init__(self, owner: str, units: UnitMap, policy: Policy, clock: StepClock,
-                 window: range, *, unit_timer: Callable[[int, float], None] | None = None):
+    def __init__(self, owner: str, units: UnitMap, policy: Policy, clock: StepClock, window: range, *,
+                 unit_timer: Callable[[int, float], None] | None = None):
         self.owner = owner
         self.units = units
         self.policy = policy
         self.clock = clock
         self.window = window
-        self.plan = policy.plan(units, clock.num_steps, window)
+        self.online = bool(getattr(policy, "online", False))
+        self.level = getattr(policy, "level", "unit")
+        self.reuse = getattr(policy, "reuse", HOLD)
         n = len(units)
-        # Only units that the plan may ever reuse need their outputs kept.
-        self._keep = [any(row[u] for row in self.plan) for u in range(n)]
+        if self.online:
+            self.plan = None
+            self._state = policy.start(units, clock.num_steps, window)
+            self._keep = [True] * n
+            self._keep_region = [False] * len(units.regions)
+            self._placeholder = [False] * n
+        else:
+            self.plan = policy.plan(units, clock.num_steps, window)
+            self._keep, self._placeholder, self._keep_region = _storage_needs(units, self.plan)
+        self._region_rows = self._plan_region_rows() if self.plan is not None else None
+        # A unit-level plan that never reuses (interval 1, an empty window): the session stays out
+        # of the units' way entirely and counts every unit as computed once per call.
+        self._inert = self.level == "unit" and self.plan is not None and not any(map(any, self.plan))
+        self._needed_rows = self._plan_needed_rows() if self.plan is not None and units.readers is not None else None
         self._stores = [StreamStore() if keep else None for keep in self._keep]
-        self._modes = [unit.mode for unit in units.units]
-        self._protect = [unit.protect for unit in units.units]
+        self._region_stores = [StreamStore() if keep else None for keep in self._keep_region]
+        self._specs: list[_Spec | None] = [None] * n
+        self._region_specs: list[_Spec | None] = [None] * len(units.regions)
+        self._residual = [unit.mode is StoreMode.RESIDUAL for unit in units.units]
+        self._decided_step: int | None = None
+        self._call_compute = True
+        self._call_store: dict[Hashable, Any] = {}
         self.telemetry = RunTelemetry(
             method=policy.name, family=units.family,
             unit_names=[u.name for u in units.units], unit_groups=[u.group for u in units.units],
             num_steps=clock.num_steps)
+        if self.level == "call":      # the unit is the whole call: its share of the work is 1
+            self.telemetry.unit_flops, self.telemetry.call_flops = [1.0], 1.0
         self._unit_timer = unit_timer
         self.closed = False
 
+    def _plan_needed_rows(self) -> list[list[bool]]:
+        readers = self.units.readers
+        return [[row[u] and any(not row[r] for r in readers[u]) for u in range(len(row))] for row in self.plan]
+
+    def _plan_region_rows(self) -> list[list[bool]]:
+        return [[all(row[m] for m in region.members) for region in self.units.regions] for row in self.plan]
+
     # -- one model call --
-    def model_call(self, run: Callable[[], Any], *, sigma: float | None, layout: CallLayout,
-                   samples: int, profile_key: Any = None) -> Any:
+    def model_call(self, run: Callable[[], Any], *, sigma: float | None, layout: CallLayout, samples: int,
+                   call_input: torch.Tensor | None = None, protect: bool = False) -> Any:
         """Run one model call (the host's forward) with this session active."""
-        with self.call_scope(sigma=sigma, layout=layout, samples=samples, profile_key=profile_key):
+        with self.call_scope(sigma=sigma, layout=layout, samples=samples, call_input=call_input, protect=protect):
             return run()
 
     @contextlib.contextmanager
-    def call_scope(self, *, sigma: float | None, layout: CallLayout, samples: int, profile_key: Any = None):
-        """Make this session active for the units of one model call."""
+    def call_scope(self, *, sigma: float | None, layout: CallLayout, samples: int,
+                   call_input: torch.Tensor | None = None, protect: bool = False):
+        """Make this session active for the units of one model call.
+
+        call_input: the model's input latent; its per-stream shape, dtype and device are what a
+        stored value must match to be reused (anything else recomputes, never a wrong tensor).
+        protect: the host edits unit outputs in place during this call (copy stored values)."""
         if self.closed:
             yield None
             return
         step = self.clock.step_of(sigma)
-        row = self.plan[step]
-        profiler = None
-        if profile_key is not None and self.telemetry.unit_flops is None:
-            known = FlopProfiler.lookup(profile_key)
-            if known is not None:
-                self.telemetry.unit_flops, self.telemetry.call_flops = known
-            elif not any(row):
-                profiler = FlopProfiler(len(self.units), samples)
-        call = ActiveCall(self, step, layout, row, samples, profiler)
-        active = dict(_ACTIVE.get())
-        active[self.owner] = call
-        token = _ACTIVE.set(active)
+        if self._inert:
+            started = time.perf_counter()
+            yield None
+            if step not in self.telemetry.skipped_steps:    # a step skip in the same run ran no unit
+                computed = self.telemetry.computed[step]
+                for u in range(len(computed)):
+                    computed[u] += samples
+            self._count_call(step, samples, started)
+            return
+        if self.plan is not None:
+            row, region_row = self.plan[step], self._region_rows[step]
+        else:
+            row, region_row = [False] * len(self.units), [False] * len(self.units.regions)
+        signature = input_signature(call_input, layout) if call_input is not None else None
+        needed = self._needed_rows[step] if self._needed_rows is not None else None
+        call = ActiveCall(self, step, layout, signature, row, region_row, samples, needed, protect)
+        token = _ACTIVE.set({**_ACTIVE.get(), self.owner: call})
         started = time.perf_counter()
         try:
-            if profiler is None:
-                yield call
-            else:
-                with profiler:
-                    yield call
-                result = profiler.result()
-                if result is not None:
-                    FlopProfiler.remember(profile_key, result)
-                    self.telemetry.unit_flops, self.telemetry.call_flops = result
+            yield call
         finally:
             _ACTIVE.reset(token)
-        if profiler is None:       # a profiled call runs several times slower: not a timing
-            self.telemetry.add_time(step, time.perf_counter() - started)
-        self.telemetry.model_calls += 1
-        self.telemetry.model_call_samples += samples
+        self._count_call(step, samples, started)
+        if call.stored:
+            self.telemetry.note_cache_bytes(self.cache_bytes())
+
+    def _count_call(self, step: int, samples: int, started: float) -> None:
+        telemetry = self.telemetry
+        telemetry.add_time(step, time.perf_counter() - started)
+        telemetry.model_calls += 1
+        telemetry.model_call_samples += samples
 
     # -- one unit --
     def run_unit(self, call: ActiveCall, index: int, compute: Callable[[], Tree], unit_input: Tree) -> Tree:
         """Compute the unit or return its stored output, as the plan says for this step."""
-        store = self._stores[index]
-        x = first_tensor(unit_input)
-        signature = input_signature(x, call.layout) if x is not None else None
-        if call.reuse_row[index] and store is not None and signature is not None:
-            stored = store.get(call.layout, signature)
-            if stored is not None:
-                self.telemetry.record(call.step, index, call.samples, reused=True)
-                if self._modes[index] is StoreMode.RESIDUAL:
-                    return tree_map(lambda residual, x: x + residual, stored, unit_input)
-                return tree_map(torch.clone, stored) if self._protect[index] else stored
         if call.profiler is not None:
-            out = call.profiler.measure(index, compute)
-        elif self._unit_timer is not None:
+            return call.profiler.measure(index, compute)
+        if call.reuse_row[index] and call.signature is not None:
+            value = self._reused_value(call, index, unit_input)
+            if value is not None:
+                self.telemetry.reused[call.step][index] += call.samples
+                return value
+        if self._unit_timer is not None:
             start = time.perf_counter()
             out = compute()
             self._unit_timer(index, time.perf_counter() - start)
         else:
             out = compute()
-        self.telemetry.record(call.step, index, call.samples, reused=False)
-        if store is not None and signature is not None:
-            if self._modes[index] is StoreMode.RESIDUAL:
-                store.put(call.layout, signature, tree_map(torch.sub, out, unit_input))
-            else:
-                store.put(call.layout, signature, tree_map(torch.clone, out) if self._protect[index] else out)
+        self.telemetry.computed[call.step][index] += call.samples
+        if call.signature is not None:
+            store = self._stores[index]
+            if store is not None:
+                value = residual_of(out, unit_input) if self._residual[index] else out
+                if call.protect:
+                    value = tree_map(torch.clone, value)
+                self._put(store, call, value)
+            if self._placeholder[index]:
+                self._specs[index] = _Spec.of(out, call)
         return out
 
-    def note_step_skipped(self, sigma: float | None) -> None:
-        """A step-skip method reused the whole prediction at this sigma: no unit ran."""
-        step = self.clock.step_of(sigma)
-        if step not in self.telemetry.skipped_steps:
-            self.telemetry.skipped_steps.append(step)
+    def _reused_value(self, call: ActiveCall, index: int, unit_input: Tree) -> Tree | None:
+        store = self._stores[index]
+        if call.needed_row is not None and not call.needed_row[index]:
+            spec = self._specs[index]
+            value = spec.placeholder(call) if spec is not None else None
+            if value is not None:
+                return value
+        if store is None:
+            return None
+        entry = store.get(call.layout, call.signature)
+        if entry is None:
+            return None
+        value = self.reuse.output(entry, call.step)
+        if self._residual[index]:
+            return add_residual(unit_input, value)
+        return tree_map(torch.clone, value) if call.protect else value
+
+    def _put(self, store: StreamStore, call: ActiveCall, value: Tree) -> None:
+        previous = store.get(call.layout, call.signature) if self.reuse is not HOLD else None
+        store.put(call.layout, call.signature, self.reuse.refresh(previous, value, call.step))
+        call.stored = True
+
+    # -- a region: consecutive units run by one module --
+    def run_region(self, call: ActiveCall, index: int, compute: Callable[[], Tree]) -> Tree:
+        """Skip the whole region with one lookup when every member is reused at this step."""
+        if call.profiler is None and call.region_row[index] and call.signature is not None:
+            value = self._region_value(call, index)
+            if value is not None:
+                reused = self.telemetry.reused[call.step]
+                for member in self.units.regions[index].members:
+                    reused[member] += call.samples
+                return value
+        out = compute()
+        if call.profiler is None and call.signature is not None:
+            store = self._region_stores[index]
+            if store is not None:
+                store.put(call.layout, call.signature, tree_map(torch.clone, out) if call.protect else out)
+                call.stored = True
+            else:
+                self._region_specs[index] = _Spec.of(out, call)
+        return out
+
+    def _region_value(self, call: ActiveCall, index: int) -> Tree | None:
+        store = self._region_stores[index]
+        if store is not None:
+            value = store.get(call.layout, call.signature)
+            if value is not None and call.protect:
+                value = tree_map(torch.clone, value)
+            return value
+        spec = self._region_specs[index]
+        return spec.placeholder(call) if spec is not None else None
+
+    # -- the whole model call as one unit (step skipping) --
+    def run_call(self, call: ActiveCall, compute: Callable[[], Any], *, probe: torch.Tensor, key: Hashable = None,
+                 encode: Callable[[Any], Any] = lambda out: out, decode: Callable[[Any], Any] = lambda stored: stored,
+                 peers: Iterable["CacheSession"] = ()) -> Any:
+        """Compute the model call or reuse a stored result, as the policy decides for this step.
+
+        The first call of a step takes the step's decision from `probe` (the latent the step
+        starts from); later calls of the step (heun's corrector, split cond/uncond calls) follow
+        it. `encode` turns the output into what is stored, `decode` a stored value back into an
+        output for this call (ComfyUI stores the noise and re-applies it at the call's sigma).
+        On a reused call, `peers` (other sessions of the run) note that none of their units ran."""
+        step = call.step
+        if step != self._decided_step:
+            self._decided_step = step
+            self._call_compute = self._decide(step, probe)
+        if not self._call_compute:
+            stored = self._call_store.get(key)
+            if stored is not None:
+                out = decode(stored)
+                if out is not None:
+                    self.telemetry.reused[step][0] += call.samples
+                    self.telemetry.note_skipped(step)
+                    for peer in peers:
+                        if peer is not self:
+                            peer.telemetry.note_skipped(step)
+                    return out
+        out = compute()
+        encoded = encode(out)
+        if encoded is not None:
+            self._call_store[key] = encoded
+        self.telemetry.computed[step][0] += call.samples
+        return out
+
+    @torch.compiler.disable
+    def _decide(self, step: int, probe: torch.Tensor) -> bool:
+        """True = compute. Static plans are read; online policies measure, agree, decide."""
+        if not self.online:
+            return not self.plan[step][0]
+        measured = self.policy.measure(self._state, step, probe)
+        agreed = agree(measured) if measured is not None else None
+        return self.policy.decide(self._state, step, agreed)
+
+    # -- FLOP profile (never inside a timed sampling: hosts call this after the run) --
+    @contextlib.contextmanager
+    def profile_scope(self, samples: int):
+        """Every unit computes and is measured; nothing is stored or counted."""
+        profiler = FlopProfiler(len(self.units), samples)
+        call = ActiveCall(self, 0, CallLayout(("profile",)), None, [False] * len(self.units),
+                          [False] * len(self.units.regions), samples, None, profiler=profiler)
+        token = _ACTIVE.set({**_ACTIVE.get(), self.owner: call})
+        try:
+            with profiler:
+                yield profiler
+        finally:
+            _ACTIVE.reset(token)
+
+    # -- state --
+    def cache_bytes(self) -> int:
+        seen: set = set()
+        total = sum(s.nbytes(seen) for s in self._stores if s is not None)
+        total += sum(s.nbytes(seen) for s in self._region_stores if s is not None)
+        total += sum(tree_bytes(v, seen) for v in self._call_store.values())
+        return total
 
     def close(self) -> RunTelemetry:
         """Drop every stored tensor and finish the telemetry. Safe to call twice."""
         self.closed = True
-        for store in self._stores:
+        for store in self._stores + self._region_stores:
             if store is not None:
                 store.clear()
+        self._call_store.clear()
+        self._specs = [None] * len(self._specs)
+        self._region_specs = [None] * len(self._region_specs)
         self.telemetry.finish()
         return self.telemetry
+
+
+def _storage_needs(units: UnitMap, plan: list[list[bool]]) -> tuple[list[bool], list[bool], list[bool]]:
+    """(store unit?, placeholder unit?, store region?) from the plan and who reads what.
+
+    A unit is stored when on some step it is reused (outside a skipped region) and a computed
+    unit reads it; it gets a placeholder when on some step it is reused and nothing computed
+    reads it. A skipped region is stored when a computed unit outside it reads one of its
+    members. Without readers every reused unit is stored."""
+    n = len(units)
+    keep, placeholder = [False] * n, [False] * n
+    keep_region = [False] * len(units.regions)
+    readers = units.readers
+    region_of: dict[int, int] = {}
+    for r, region in enumerate(units.regions):
+        for m in region.members:
+            region_of[m] = r
+    for row in plan:
+        skipped = {r for r, region in enumerate(units.regions) if all(row[m] for m in region.members)}
+        for u in range(n):
+            if not row[u]:
+                continue
+            if region_of.get(u) in skipped:
+                region = units.regions[region_of[u]]
+                if readers is None or any(not row[r] and r not in region.members for r in readers[u]):
+                    keep_region[region_of[u]] = True
+                continue
+            if readers is None or any(not row[r] for r in readers[u]):
+                keep[u] = True
+            else:
+                placeholder[u] = True
+    return keep, placeholder, keep_region

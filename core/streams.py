@@ -73,27 +73,29 @@ class _Joint:
 
 
 class StreamStore:
-    """Stored values of one unit, per stream, plus the last joint value for a fast path."""
+    """Stored values of one unit, per stream. A value stored from a call with several streams is
+    kept once (the joint value); its per-stream parts are sliced only when a later call asks for
+    a different set of streams."""
 
     __slots__ = ("per_stream", "joint")
 
     def __init__(self) -> None:
-        self.per_stream: dict[Hashable, tuple[tuple, Tree]] = {}
+        # stream -> (signature, value, (chunk index, chunks) of a joint value or None)
+        self.per_stream: dict[Hashable, tuple[tuple, Tree, tuple[int, int] | None]] = {}
         self.joint: _Joint | None = None
 
     def put(self, layout: CallLayout, signature: tuple, value: Tree) -> None:
         self.joint = _Joint(layout, signature, value)
         if layout.chunks == 1:
-            self.per_stream[layout.streams[0]] = (signature, value)
+            self.per_stream[layout.streams[0]] = (signature, value, None)
             return
         if signature[0] < 0 or not _splits_evenly(value, signature[0] * layout.chunks):
             # The batch does not split into equal chunks: keep only the joint value.
             for stream in layout.streams:
                 self.per_stream.pop(stream, None)
             return
-        parts = [tree_map(lambda t, i=i: _chunk(t, layout.chunks, i), value) for i in range(layout.chunks)]
-        for stream, part in zip(layout.streams, parts):
-            self.per_stream[stream] = (signature, part)
+        for i, stream in enumerate(layout.streams):
+            self.per_stream[stream] = (signature, value, (i, layout.chunks))
 
     def get(self, layout: CallLayout, signature: tuple) -> Tree | None:
         """The stored value for these streams, or None when any stream is missing or differs."""
@@ -107,14 +109,63 @@ class StreamStore:
             stored = self.per_stream.get(stream)
             if stored is None or stored[0] != signature:
                 return None
-            parts.append(stored[1])
+            _, value, part = stored
+            if part is not None:
+                value = tree_map(lambda t: _chunk(t, part[1], part[0]), value)
+            parts.append(value)
         if len(parts) == 1:
             return parts[0]
         return tree_map(lambda *ts: torch.cat(ts, dim=0), parts[0], *parts[1:])
 
+    def nbytes(self, seen: set) -> int:
+        """Bytes of the tensors held, each storage counted once across `seen`."""
+        total = tree_bytes(self.joint.value, seen) if self.joint is not None else 0
+        for _, value, _ in self.per_stream.values():
+            total += tree_bytes(value, seen)
+        return total
+
     def clear(self) -> None:
         self.per_stream.clear()
         self.joint = None
+
+
+def tree_bytes(tree: Tree, seen: set) -> int:
+    total = 0
+
+    def count(t: torch.Tensor) -> None:
+        nonlocal total
+        storage = t.untyped_storage()
+        key = (storage.data_ptr(), t.device)
+        if key not in seen:
+            seen.add(key)
+            total += storage.nbytes()
+
+    tree_map(count, tree)
+    return total
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    shape: tuple
+    dtype: torch.dtype
+    device: torch.device
+
+
+def tensor_specs(value: Tree) -> Tree:
+    """The tree with each tensor replaced by its shape, dtype and device."""
+    return tree_map(lambda t: TensorSpec(tuple(t.shape), t.dtype, t.device), value)
+
+
+def empty_from_specs(spec: Tree) -> Tree:
+    """Uninitialised tensors of the recorded shapes (placeholders, or fake inputs in a FakeTensorMode)."""
+    if isinstance(spec, TensorSpec):
+        return torch.empty(spec.shape, dtype=spec.dtype, device=spec.device)
+    if isinstance(spec, (tuple, list)):
+        values = [empty_from_specs(s) for s in spec]
+        return values if isinstance(spec, list) else tuple(values)
+    if isinstance(spec, dict):
+        return {k: empty_from_specs(v) for k, v in spec.items()}
+    return spec
 
 
 def _splits_evenly(value: Tree, batch: int) -> bool:

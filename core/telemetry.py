@@ -8,6 +8,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -25,6 +26,10 @@ class RunTelemetry:
     model_calls: int = 0
     model_call_samples: int = 0
     step_seconds: list[float] = field(default_factory=list)   # [step] wall time inside model calls
+    cache_bytes: int = 0                     # peak bytes held in the run's stores
+    # Measures (unit_flops, call_flops) when first asked for, after the run: FLOP profiling
+    # never runs inside the sampling a user times. Set by the host; None when unknown.
+    flop_source: Any = field(default=None, repr=False, compare=False)
     started: float = field(default_factory=time.perf_counter)
     wall_time_s: float | None = None
 
@@ -42,6 +47,27 @@ class RunTelemetry:
 
     def add_time(self, step: int, seconds: float) -> None:
         self.step_seconds[step] += seconds
+
+    def note_skipped(self, step: int) -> None:
+        """The whole model call was reused at this step (no unit ran)."""
+        if step not in self.skipped_steps:
+            self.skipped_steps.append(step)
+
+    def note_cache_bytes(self, nbytes: int) -> None:
+        if nbytes > self.cache_bytes:
+            self.cache_bytes = nbytes
+
+    def resolve_flops(self) -> bool:
+        """Measure the FLOP profile now if it is unknown and the run has finished."""
+        if self.unit_flops is None and self.flop_source is not None and self.wall_time_s is not None:
+            source, self.flop_source = self.flop_source, None
+            try:
+                profile = source()
+            except Exception:      # a profile is a convenience: never let it break a report
+                profile = None
+            if profile is not None:
+                self.unit_flops, self.call_flops = profile
+        return self.unit_flops is not None
 
     def finish(self) -> None:
         if self.wall_time_s is None:
@@ -62,20 +88,22 @@ class RunTelemetry:
         return [_ratio([row[u] for row in self.reused], [row[u] for row in self.computed])
                 for u in range(len(self.unit_names))]
 
-    def executed_fraction(self) -> float | None:
+    def executed_fraction(self, resolve: bool = True) -> float | None:
         """FLOP-weighted share of the model's work that ran (1.0 = nothing skipped).
 
         Counts the parts outside units (embedders, input/output layers) as always executed.
-        None until a FLOP profile is known.
+        None when no FLOP profile can be had.
         """
+        if resolve:
+            self.resolve_flops()
         if self.unit_flops is None or not self.call_flops or not self.model_call_samples:
             return None
         full = self.call_flops * self.model_call_samples
         saved = sum(f * sum(row[u] for row in self.reused) for u, f in enumerate(self.unit_flops))
         return max(0.0, (full - saved) / full)
 
-    def ideal_speedup(self) -> float | None:
-        frac = self.executed_fraction()
+    def ideal_speedup(self, resolve: bool = True) -> float | None:
+        frac = self.executed_fraction(resolve)
         return 1.0 / frac if frac else None
 
     def measured_speedup(self) -> float | None:
@@ -93,7 +121,8 @@ class RunTelemetry:
         """[step][unit] reuse share (None where the unit did not run at that step)."""
         return [[_ratio([r], [c]) for r, c in zip(rr, cc)] for rr, cc in zip(self.reused, self.computed)]
 
-    def as_dict(self) -> dict:
+    def as_dict(self, resolve: bool = True) -> dict:
+        """resolve=False while a run is live or just ending: only a FLOP profile already known is used."""
         return {
             "method": self.method,
             "family": self.family,
@@ -104,17 +133,18 @@ class RunTelemetry:
             "step_hit_rates": self.step_hit_rates(),
             "unit_hit_rates": self.unit_hit_rates(),
             "heatmap": self.heatmap(),
-            "executed_fraction": self.executed_fraction(),
-            "ideal_speedup": self.ideal_speedup(),
+            "executed_fraction": self.executed_fraction(resolve),
+            "ideal_speedup": self.ideal_speedup(resolve),
             "measured_speedup": self.measured_speedup(),
             "step_seconds": list(self.step_seconds),
             "skipped_steps": list(self.skipped_steps),
             "model_calls": self.model_calls,
+            "cache_bytes": self.cache_bytes,
             "wall_time_s": self.wall_time_s,
         }
 
     def summary(self) -> str:
-        frac = self.executed_fraction()
+        frac = self.executed_fraction(resolve=False)
         work = f", work executed {frac:.0%}" if frac is not None else ""
         wall = f", {self.wall_time_s:.2f} s" if self.wall_time_s is not None else ""
         return (f"{self.method} on {self.family}: hit rate {self.hit_rate:.0%} over "

@@ -5,13 +5,14 @@ from comfy_api.latest import ComfyExtension, io
 
 from . import routes
 from .autotune_node import CacheKitAutotune
-from .method_nodes import CacheKitAdaptiveSkip, CacheKitDeepCache, CacheKitFORA
+from .method_nodes import METHOD_NODES
 from .router_node import CacheKitRouter
 from .stats_node import CacheKitStats
 from .train_router_node import CacheKitTrainRouter
 
-NODES: list[type[io.ComfyNode]] = [CacheKitDeepCache, CacheKitFORA, CacheKitAdaptiveSkip, CacheKitRouter,
-                                   CacheKitTrainRouter, CacheKitAutotune, CacheKitStats]
+# Method nodes come from the method registry (core/methods/registry.py), in its order.
+NODES: list[type[io.ComfyNode]] = [*METHOD_NODES.values(), CacheKitRouter, CacheKitTrainRouter, CacheKitAutotune,
+                                   CacheKitStats]
 
 
 class CacheKitExtension(ComfyExtension):

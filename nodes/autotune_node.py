@@ -8,17 +8,21 @@ import comfy.samplers
 import comfy.utils
 from comfy_api.latest import io
 
-from ..core.autotune import METHODS, TARGETS, autotune, deepcache_branches, ladders
-from ..core.methods.deepcache import max_branch
+from ..core.autotune import METHODS, TARGETS, autotune, check_method, ladders
+from ..core.methods import registry
+from ..core.methods.registry import FITS_TEXT
 from . import history
-from .comfy_units import unet_layout
-from .comfy_host import diffusion_model_of
-from .method_nodes import CATEGORY, PATCH_NODE, Settings, _node_id, apply_method
+from .method_nodes import CATEGORY, PATCH_NODE, Settings, _node_id, apply_method, method_layout
 
 
-def _deepcache_branches(model) -> list[int]:
-    layout = unet_layout(diffusion_model_of(model))
-    return deepcache_branches(max_branch(layout.units, layout.layers_per_block))
+def _candidate_ladders(method: str, model) -> list[list[dict]]:
+    """The method's autotune ladders for this model (DeepCache: the branches its U-Net has)."""
+    spec = registry.get(method)
+    return ladders(method, method_layout(spec, model).units if spec.level == "unit" else None)
+
+
+def _method_tooltip() -> str:
+    return " ".join(f"{key}: {FITS_TEXT[registry.get(key).fits]}." for key in METHODS)
 
 
 class CacheKitAutotune(io.ComfyNode):
@@ -43,7 +47,7 @@ class CacheKitAutotune(io.ComfyNode):
                 io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS),
                 io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS),
                 io.Combo.Input("method", options=list(METHODS), default="deepcache",
-                               tooltip="deepcache: U-Nets. fora: DiTs. adaptive: any model."),
+                               tooltip=_method_tooltip()),
                 io.Combo.Input("target", options=list(TARGETS), default="psnr",
                                tooltip="psnr: minimum PSNR vs. uncached (dB). speedup: minimum measured speedup."),
                 io.Float.Input("target_value", default=30.0, min=1.0, max=100.0, step=0.1),
@@ -62,6 +66,7 @@ class CacheKitAutotune(io.ComfyNode):
     def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler, method,
                 target, target_value, max_trials, vae=None) -> io.NodeOutput:
         # Fail on unsupported models now, before any sampling (apply_method raises the clear error).
+        check_method(method)
         apply_method(method, model, {})
         latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
         noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
@@ -81,7 +86,7 @@ class CacheKitAutotune(io.ComfyNode):
             return out, seconds
 
         bar = comfy.utils.ProgressBar(1)
-        candidate_ladders = ladders(method, _deepcache_branches(model)) if method == "deepcache" else None
+        candidate_ladders = _candidate_ladders(method, model)
         result = autotune(sample, method, target, target_value, data_range=1.0 if vae is not None else None,
                           max_trials=max_trials, candidate_ladders=candidate_ladders,
                           ideal_speedup=lambda: last_ideal["value"],

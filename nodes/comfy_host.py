@@ -7,8 +7,13 @@
   also on interrupt or error. The step of each model call comes from its sigma (core/clock.py).
 * An APPLY_MODEL wrapper (every model class goes through BaseModel.apply_model; not all
   call DIFFUSION_MODEL wrappers) makes the session active for each model call with the
-  call's streams (cond_or_uncond + uuids) and sigma. Nothing is captured at node time except
-  the unit layout: the model itself is always the one ComfyUI calls.
+  call's streams (cond_or_uncond + uuids), sigma, input and whether anything edits unit
+  outputs in place (ControlNet, block patches such as FreeU: stored values are then copied).
+  Nothing is captured at node time except the unit layout: the model itself is always the one
+  ComfyUI calls.
+* The FLOP profile of a model is measured after the run, when the sidebar or a report asks
+  (core/flops.py): the wrapper records the shapes of one call's inputs, and the profile replays
+  that call on fake tensors. Sampling itself never profiles.
 """
 from __future__ import annotations
 
@@ -22,10 +27,12 @@ from comfy.ldm.modules.attention import SpatialTransformer
 from comfy.patcher_extension import WrappersMP
 
 from ..core.clock import StepClock, window_steps
+from ..core.flops import FlopProfiler, lazy_profile
+from ..core.lifecycle import RunLifecycle
 from ..core.methods.base import Policy
 from ..core.proxy import make_proxy, run_links
 from ..core.session import CacheSession, active_call
-from ..core.streams import CallLayout, input_signature
+from ..core.streams import CallLayout, empty_from_specs, input_signature, tensor_specs
 from . import history
 from .comfy_units import ComfyLayout
 
@@ -101,6 +108,17 @@ def _transformer_options(args: tuple, kwargs: dict) -> dict | None:
     return None
 
 
+# Block patches of ComfyUI's U-Net that may edit block outputs in place (FreeU scales `h`).
+_IN_PLACE_PATCHES = ("input_block_patch", "input_block_patch_after_skip", "output_block_patch", "middle_block_patch")
+_CONTROL_ARG = 4     # _apply_model(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+
+
+def _edits_in_place(args: tuple, kwargs: dict, options: dict) -> bool:
+    control = kwargs.get("control", args[_CONTROL_ARG] if len(args) > _CONTROL_ARG else None)
+    patches = options.get("patches", {})
+    return control is not None or any(patches.get(name) for name in _IN_PLACE_PATCHES)
+
+
 def _apply_model_wrapper(owner: str) -> Callable:
     def wrapper(executor, *args, **kwargs):
         options = _transformer_options(args, kwargs)
@@ -113,10 +131,39 @@ def _apply_model_wrapper(owner: str) -> Callable:
         layout = CallLayout(tuple(zip(conds, uuids)))
         sigmas = options.get("sigmas")
         sigma = float(sigmas.flatten()[0]) if sigmas is not None else None
-        profile_key = (executor.class_obj.diffusion_model, input_signature(x, layout))
+        if session.telemetry.unit_flops is None and session.telemetry.flop_source is None:
+            _prepare_profile(session, executor.class_obj, args, kwargs, layout)
         return session.model_call(lambda: executor(*args, **kwargs), sigma=sigma, layout=layout,
-                                  samples=x.shape[0], profile_key=profile_key)
+                                  samples=x.shape[0], call_input=x, protect=_edits_in_place(args, kwargs, options))
     return wrapper
+
+
+def _prepare_profile(session: CacheSession, base_model, args: tuple, kwargs: dict, layout: CallLayout) -> None:
+    """Known FLOP profile: use it. Unknown: record this call's input shapes, so that a report can
+    replay it after the run on fake tensors (BaseModel._apply_model, below every wrapper, with
+    this run's patches but no ControlNet: its FLOPs are not the units')."""
+    x = args[0]
+    key = (base_model.diffusion_model, input_signature(x, layout))
+    known = FlopProfiler.lookup(key)
+    if known is not None:
+        session.telemetry.unit_flops, session.telemetry.call_flops = known
+        return
+    options = _transformer_options(args, kwargs)
+    replay_options = {k: v for k, v in options.items() if k != SESSIONS_KEY}
+    tensors = tensor_specs(([a for a in args if a is not options], {k: v for k, v in kwargs.items()
+                                                                     if k != "transformer_options"}))
+
+    def replay():
+        fake_args, fake_kwargs = empty_from_specs(tensors)
+        fake_args = list(fake_args) + [None] * (_CONTROL_ARG + 1 - len(fake_args))
+        fake_args[_CONTROL_ARG] = None
+        fake_kwargs.pop("control", None)
+        import torch
+        with torch.no_grad():
+            base_model._apply_model(*fake_args[:_CONTROL_ARG + 1], transformer_options=dict(replay_options),
+                                    **fake_kwargs)
+
+    session.telemetry.flop_source = lazy_profile(session, key, x.shape[0], replay)
 
 
 def outer_sample_wrapper(owner: str, open_session: Callable, node_id: str | None) -> Callable:
@@ -125,22 +172,27 @@ def outer_sample_wrapper(owner: str, open_session: Callable, node_id: str | None
     open_session(guider, sigmas) builds the run's session; it is visible to the other wrappers
     through transformer_options[SESSIONS_KEY][owner] for the run only.
     """
+    def on_open(session):
+        return history.start(owner, node_id, session.telemetry)
+
+    def on_close(session, telemetry, live):
+        live.finish()
+        log.info("CacheKit: %s", telemetry.summary())
+
     def wrapper(executor, *args, **kwargs):
         guider = executor.class_obj
-        session = open_session(guider, args[3])
-        live = history.start(owner, node_id, session.telemetry)
-        args, kwargs = _with_step_callback(args, kwargs, live.progress)
-        original_options = guider.model_options
-        guider.model_options = comfy.patcher_extension.copy_nested_dicts(original_options)
-        options = guider.model_options.setdefault("transformer_options", {})
-        options[SESSIONS_KEY] = {**options.get(SESSIONS_KEY, {}), owner: session}
-        try:
-            return executor(*args, **kwargs)
-        finally:
-            guider.model_options = original_options
-            telemetry = session.close()
-            live.finish()
-            log.info("CacheKit: %s", telemetry.summary())
+        lifecycle = RunLifecycle(owner, open_session, on_open=on_open, on_close=on_close)
+        with lifecycle.run(guider, args[3]) as session:
+            live = lifecycle.token
+            args, kwargs = _with_step_callback(args, kwargs, live.progress)
+            original_options = guider.model_options
+            guider.model_options = comfy.patcher_extension.copy_nested_dicts(original_options)
+            options = guider.model_options.setdefault("transformer_options", {})
+            options[SESSIONS_KEY] = {**options.get(SESSIONS_KEY, {}), owner: session}
+            try:
+                return executor(*args, **kwargs)
+            finally:
+                guider.model_options = original_options
     return wrapper
 
 

@@ -11,18 +11,17 @@ variance-preserving latent for SD-style models, as the official diffusers pipeli
 """
 from __future__ import annotations
 
-import time
 import uuid
 from typing import Callable
 
 from comfy.patcher_extension import WrappersMP
 
 from ..core.clock import StepClock
-from ..core.methods.adaptive import AdaptiveConfig
-from ..core.step_skip import StepSkipSession
+from ..core.methods.adaptive import AdaptiveConfig, AdaptivePolicy
+from ..core.session import CacheSession
+from ..core.streams import SINGLE_STREAM
+from ..core.units import call_unit_map
 from .comfy_host import SESSIONS_KEY, outer_sample_wrapper
-
-_NOISE = "noise"
 
 
 def _predict_noise_wrapper(owner: str) -> Callable:
@@ -34,32 +33,31 @@ def _predict_noise_wrapper(owner: str) -> Callable:
         guider = executor.class_obj
         sigma = float(timestep.flatten()[0])
         latent = guider.inner_model.model_sampling.calculate_input(timestep, x)
-        step, compute = session.begin_call(sigma, latent)
         sigma_b = timestep.reshape((-1,) + (1,) * (x.ndim - 1)).to(x.dtype)
-        eps = session.stored(_NOISE)
-        if not compute and sigma > 0 and eps is not None and eps.shape == x.shape:
-            session.record(step, x.shape[0], reused=True)
-            for other in sessions.values():
-                if other is not session and hasattr(other, "note_step_skipped"):
-                    other.note_step_skipped(sigma)
-            return x - sigma_b * eps
-        started = time.perf_counter()
-        denoised = executor(x, timestep, model_options, seed)
-        if sigma > 0:
-            session.store(_NOISE, (x - denoised) / sigma_b)
-        session.record(step, x.shape[0], reused=False, seconds=time.perf_counter() - started)
-        return denoised
+
+        def encode(denoised):      # the noise: re-applied at a reused call's own x and sigma
+            return (x - denoised) / sigma_b if sigma > 0 else None
+
+        def decode(eps):
+            return x - sigma_b * eps if sigma > 0 and eps.shape == x.shape else None
+
+        with session.call_scope(sigma=sigma, layout=SINGLE_STREAM, samples=x.shape[0]) as call:
+            return session.run_call(call, lambda: executor(x, timestep, model_options, seed), probe=latent,
+                                    encode=encode, decode=decode, peers=sessions.values())
     return wrapper
 
 
-def install_step_skip(model, config: AdaptiveConfig, node_id: str | None = None):
-    """Patch a clone of `model` (a ModelPatcher) with adaptive step skipping. Returns the clone."""
+def install_step_skip(model, config: AdaptiveConfig | None = None, node_id: str | None = None, policy=None):
+    """Patch a clone of `model` (a ModelPatcher) with a call-level policy (AdaptiveDiffusion by
+    default, from `config`). Returns the clone."""
     patched = model.clone()
-    owner = f"cachekit.AdaptiveDiffusion.{uuid.uuid4().hex[:12]}"
-    family = type(patched.model).__name__
+    policy = policy if policy is not None else AdaptivePolicy(config)
+    owner = f"cachekit.{policy.name}.{uuid.uuid4().hex[:12]}"
+    units = call_unit_map(type(patched.model).__name__)
 
-    def open_session(guider, sigmas) -> StepSkipSession:
-        return StepSkipSession(owner, config, StepClock(sigmas.tolist()), family)
+    def open_session(guider, sigmas) -> CacheSession:
+        clock = StepClock(sigmas.tolist())
+        return CacheSession(owner, units, policy, clock, range(clock.num_steps))
 
     patched.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, owner, outer_sample_wrapper(owner, open_session, node_id))
     patched.add_wrapper_with_key(WrappersMP.PREDICT_NOISE, owner, _predict_noise_wrapper(owner))

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core.units import StoreMode, Unit, UnitMap
+from ..core.units import StoreMode, UNetGeometry, Unit, UnitMap, chain_readers
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,6 @@ class Slot:
 class ComfyLayout:
     units: UnitMap
     slots: tuple[Slot, ...]
-    layers_per_block: int = 0
 
 
 def _class_names(model: torch.nn.Module) -> set[str]:
@@ -49,27 +48,38 @@ def unet_layout(model: torch.nn.Module) -> ComfyLayout:
     levels = len(res_blocks)
     units: list[Unit] = []
     slots: list[Slot] = []
+    positions: list[tuple[int, int]] = []
+    producers = [-1]            # hs.append order (-1: input_blocks[0], the input convolution)
+    skips: dict[int, int] = {}  # output unit -> the input unit whose output it pops from hs
+
+    def add(name, group, kind, position, path):
+        units.append(Unit(name, group, kind))
+        slots.append(Slot("gate", path))
+        positions.append(position)
+        return len(units) - 1
+
     k = 1   # input_blocks[0] is the input convolution: always computed
     for level in range(levels):
         layers = res_blocks[level] + (1 if level < levels - 1 else 0)
         for layer in range(layers):
-            units.append(Unit(f"input.{k}", f"in {level}.{layer}", "down", position=(level, layer), protect=True))
-            slots.append(Slot("gate", f"diffusion_model.input_blocks.{k}"))
+            producers.append(add(f"input.{k}", f"in {level}.{layer}", "down", (level, layer),
+                                 f"diffusion_model.input_blocks.{k}"))
             k += 1
     if k != len(model.input_blocks):
         raise ValueError(f"Unexpected U-Net layout ({len(model.input_blocks)} input blocks, expected {k}); "
                          "CacheKit DeepCache does not support this model.")
     if model.middle_block is not None:
-        units.append(Unit("middle", "mid", "mid", position=(0, 0), protect=True))
-        slots.append(Slot("gate", "diffusion_model.middle_block"))
+        add("middle", "mid", "mid", (0, 0), "diffusion_model.middle_block")
     m = 0
     for level in reversed(range(levels)):
         for j in range(res_blocks[level] + 1):
             layer = res_blocks[level] - j
-            units.append(Unit(f"output.{m}", f"out {level}.{layer}", "up", position=(level, layer), protect=True))
-            slots.append(Slot("gate", f"diffusion_model.output_blocks.{m}"))
+            skips[add(f"output.{m}", f"out {level}.{layer}", "up", (level, layer),
+                      f"diffusion_model.output_blocks.{m}")] = producers.pop()
             m += 1
-    return ComfyLayout(UnitMap("unet", tuple(units)), tuple(slots), layers_per_block=max(res_blocks) + 1)
+    unit_map = UnitMap("unet", tuple(units), readers=chain_readers(len(units), skips),
+                       geometry=UNetGeometry(tuple(positions), max(res_blocks) + 1))
+    return ComfyLayout(unit_map, tuple(slots))
 
 
 # DiT families reached with proxies: class name -> (block list, ((child, kind), ...))

@@ -52,10 +52,11 @@ class LiveRun:
         self.finished: float | None = None
         self._last_sent = 0.0
 
-    def as_json(self) -> dict:
+    def as_json(self, resolve: bool = False) -> dict:
+        """resolve: measure a missing FLOP profile now (GET /cachekit/runs, never during sampling)."""
         return {"id": self.id, "owner": self.owner, "node_id": self.node_id, "prompt_id": self.prompt_id,
                 "sampler_node_id": self.sampler_node_id, "started": self.started, "finished": self.finished,
-                "telemetry": self.telemetry.as_dict()}
+                "telemetry": self.telemetry.as_dict(resolve)}
 
     def progress(self, force: bool = False) -> None:
         now = time.perf_counter()
@@ -99,7 +100,7 @@ def recent_json(limit: int = MAX_RUNS, node_id: str | None = None) -> list[dict]
         runs = list(_runs)
     if node_id is not None:
         runs = [r for r in runs if r.node_id == node_id]
-    return [r.as_json() for r in runs[-limit:]]
+    return [r.as_json(resolve=True) for r in runs[-limit:]]
 
 
 def last() -> RunTelemetry | None:

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..core import apply_adaptive_skip, apply_deepcache, apply_fora, apply_router
+from ..core.methods import registry
+from ..diffusers_host import registry as host
 from ..tinymodels.bundled import WEIGHTS, load
 from ..tinymodels.evaluate import to_uint8
 from ..core.quality import psnr
@@ -19,23 +20,42 @@ from ..tinymodels.sampling import make_scheduler, sample
 from ..tinymodels.shapes import CLASSES
 
 MODELS = {"dit": "Tiny DiT (FORA)", "unet": "Tiny U-Net (DeepCache)"}
-METHODS = {"dit": ("FORA", "AdaptiveDiffusion", "Router"), "unet": ("DeepCache", "AdaptiveDiffusion")}
-# What each method does, in one line, and the Request fields it reads (the panel shows only those).
-DESCRIPTIONS = {
-    "DeepCache": "Runs the full U-Net every N steps; in between only the shallow layers run and the deep "
-                 "features are reused.",
-    "FORA": "Computes every transformer block every N steps and reuses the blocks' attention and MLP outputs "
-            "in between, after the first share of steps runs in full.",
-    "AdaptiveDiffusion": "Skips whole steps, reusing the last noise prediction while the latents change "
-                         "smoothly (delta: how much change is tolerated).",
-    "Router": "A learned HarmoniCa router decides per step and layer what to reuse (the bundled one is "
-              "trained for 25 steps).",
-}
-SETTINGS = {"DeepCache": ("interval", "branch"), "FORA": ("interval", "start_percent"),
-            "AdaptiveDiffusion": ("delta",), "Router": ()}
+# The panel's method controls (Request fields, app.CONTROLS) and the method settings they set: a
+# control drives the setting of that role ("interval", "branch") or, failing that, of its name.
+CONTROLS = ("interval", "branch", "delta", "start_percent")
 MAX_ROUNDS = 5
 # A HarmoniCa router trained on the bundled DiT (scripts/train_router.py) for the panel's 25 steps.
 BUNDLED_ROUTER = WEIGHTS / "dit_router_harmonica_25.safetensors"
+# Settings the panel supplies itself, for methods that need them (config fields without a default).
+FIXED = {"router": {"router": BUNDLED_ROUTER}}
+
+
+def _control_of(spec: registry.MethodSpec, name: str) -> str | None:
+    setting = spec.setting(name)
+    for control in (setting.role if setting else "", name):
+        if control in CONTROLS:
+            return control
+    return None
+
+
+def _controls(spec: registry.MethodSpec) -> tuple[str, ...]:
+    """The controls the panel shows for a method: those of its main settings it has."""
+    return tuple(c for c in (_control_of(spec, name) for name in spec.main_settings) if c)
+
+
+def _panel_methods() -> list[registry.MethodSpec]:
+    """Registered methods the panel can run: every setting they need it has."""
+    return [spec for spec in registry.methods() if set(spec.required()) <= set(FIXED.get(spec.key, {}))]
+
+
+# Everything below is read from the method registry on every use, so a registered method
+# appears in the panel without a change here.
+# Method names per bundled model, in registration order.
+METHODS = registry.LiveMapping(lambda: {kind: tuple(s.name for s in _panel_methods() if s.fits_model(kind))
+                                        for kind in MODELS})
+# What each method does, in one line, and the Request fields it reads (the panel shows only those).
+DESCRIPTIONS = registry.LiveMapping(lambda: {s.name: s.summary for s in _panel_methods()})
+SETTINGS = registry.LiveMapping(lambda: {s.name: _controls(s) for s in _panel_methods()})
 
 
 @dataclass(frozen=True)
@@ -121,18 +141,21 @@ def model(kind: str):
     return _MODELS[kind]
 
 
+def method_settings(request: Request) -> dict:
+    """The chosen method's keyword settings: its main settings from the panel's controls, plus
+    what the panel supplies itself (the bundled router)."""
+    spec = registry.by_name(request.method)
+    settings = {name: getattr(request, _control_of(spec, name)) for name in spec.main_settings
+                if _control_of(spec, name)}
+    return {**settings, **FIXED.get(spec.key, {})}
+
+
 def _apply(request: Request, network, scheduler):
-    if request.method == "DeepCache":
-        return apply_deepcache(network, cache_interval=request.interval, cache_branch=request.branch,
-                               scheduler=scheduler)
-    if request.method == "Router":
-        if not BUNDLED_ROUTER.exists():
-            raise FileNotFoundError(f"The bundled router {BUNDLED_ROUTER.name} is missing; train it with "
-                                    "scripts/train_router.py --steps 25.")
-        return apply_router(network, BUNDLED_ROUTER, scheduler=scheduler)
-    if request.method == "AdaptiveDiffusion":
-        return apply_adaptive_skip(network, delta=request.delta, scheduler=scheduler)
-    return apply_fora(network, interval=request.interval, start_percent=request.start_percent, scheduler=scheduler)
+    spec = registry.by_name(request.method)
+    if spec.key == "router" and not BUNDLED_ROUTER.exists():
+        raise FileNotFoundError(f"The bundled router {BUNDLED_ROUTER.name} is missing; train it with "
+                                "scripts/train_router.py --steps 25.")
+    return host.apply(network, spec.key, scheduler=scheduler, **method_settings(request))
 
 
 def run(request: Request, progress: bool = True, on_progress=None) -> Result:

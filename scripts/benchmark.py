@@ -36,8 +36,10 @@ from pack import load_pack  # noqa: E402
 
 ck = load_pack()
 from cachekit.bench.cli import int_at_least, run_cli  # noqa: E402
-from cachekit.core.diffusers_api import CacheHandle  # noqa: E402
+from cachekit.diffusers_host.api import CacheHandle  # noqa: E402
+from cachekit.core.methods import registry  # noqa: E402
 from cachekit.core.session import CacheSession  # noqa: E402
+from cachekit.diffusers_host import registry as host  # noqa: E402
 from cachekit.core.quality import psnr as image_psnr  # noqa: E402
 
 
@@ -58,10 +60,19 @@ def bench_dit():
     return model, "hidden_states", {"class_labels": None}, (4, 32, 32)
 
 
-METHODS = {
-    "DeepCache": (bench_unet, lambda m, s, i: ck.apply_deepcache(m, cache_interval=i, scheduler=s)),
-    "FORA": (bench_dit, lambda m, s, i: ck.apply_fora(m, interval=i, scheduler=s)),
-}
+BUILDERS = {"unet": bench_unet, "dit": bench_dit}
+
+
+def _apply_with_interval(spec):
+    """apply(model, scheduler, interval): the method with its "interval" setting (1 = off)."""
+    interval = spec.with_role("interval").name
+    return lambda m, s, i: host.apply(m, spec.key, scheduler=s, **{interval: i})
+
+
+# Every registered unit-level method with an interval, on the model of its kind: what the
+# runtime-overhead measures below need (units, a plan, interval 1 = every unit computed).
+METHODS = {spec.name: (BUILDERS[spec.fits], _apply_with_interval(spec)) for spec in registry.methods()
+           if spec.level == "unit" and spec.fits in BUILDERS and spec.with_role("interval") is not None}
 
 
 class Sampler:

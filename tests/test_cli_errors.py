@@ -60,6 +60,10 @@ def cases(f: dict[str, Path]) -> list[tuple[str, list[str], tuple[str, ...]]]:
         ("train_router", ["--threshold", "1.5", "--out", str(d / "r.safetensors")], ("--threshold",)),
         ("train_router", ["--pipeline", str(f["empty_dir"]), "--out", str(d / "r.safetensors")], ("model_index.json",)),
         ("train_router", ["--resume", "--quick", "--out", str(d / "run.safetensors")], ("Cannot resume from run.ckpt.pt",)),
+        # bench_hotpath
+        ("bench_hotpath", ["--steps", "0", "--no-write"], ("--steps", "at least 2")),
+        ("bench_hotpath", ["--parts", "X", "--no-write"], ("--parts", "invalid choice")),
+        ("bench_hotpath", ["--batches", "0", "--no-write"], ("--batches", "at least 1")),
         # benchmark
         ("benchmark", ["--methods", "Magic"], ("--methods", "invalid choice", "DeepCache")),
         ("benchmark", ["--steps", "0"], ("--steps", "at least 2")),

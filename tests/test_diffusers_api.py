@@ -8,7 +8,7 @@ from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
 import tiny_diffusers as td
 from cachekit import apply_deepcache, apply_fora, remove_cache
-from cachekit.core.diffusers_adapter import unet_units
+from cachekit.diffusers_host.units import unet_units
 
 
 def _equal(a, b):

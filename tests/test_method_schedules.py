@@ -14,7 +14,7 @@ from cachekit.core.methods.base import full_plan
 from cachekit.core.methods.deepcache import (DeepCacheConfig, DeepCachePolicy, full_steps, is_deep,
                                              quad_center_steps)
 from cachekit.core.methods.fora import ForaConfig, ForaPolicy, refresh_steps
-from cachekit.core.units import Unit, UnitMap
+from cachekit.core.units import Unit, UnitMap, UNetGeometry
 
 DATA = Path(__file__).parent / "data"
 
@@ -53,15 +53,16 @@ def test_deep_layers_equal_official_helper_is_skip_step():
 
 def _unet_units():
     # Shape of a 2-level SD-style U-Net: 2 res blocks + downsampler, then 2 res blocks.
-    units = [Unit(f"in{b}{l}", "g", "down", position=(b, l)) for b, l in [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]]
-    units.append(Unit("mid", "mid", "mid", position=(0, 0)))
-    units += [Unit(f"out{b}{l}", "g", "up", position=(b, l)) for b, l in [(1, 2), (1, 1), (1, 0), (0, 2), (0, 1), (0, 0)]]
-    return UnitMap("unet", tuple(units))
+    downs, ups = [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)], [(1, 2), (1, 1), (1, 0), (0, 2), (0, 1), (0, 0)]
+    units = [Unit(f"in{b}{l}", "g", "down") for b, l in downs]
+    units.append(Unit("mid", "mid", "mid"))
+    units += [Unit(f"out{b}{l}", "g", "up") for b, l in ups]
+    return UnitMap("unet", tuple(units), geometry=UNetGeometry(tuple(downs + [(0, 0)] + ups), 3))
 
 
 def test_deepcache_plan_branch_0_keeps_only_the_last_up_layer_live():
     units = _unet_units()
-    plan = DeepCachePolicy(DeepCacheConfig(cache_interval=3), 3).plan(units, 7, range(7))
+    plan = DeepCachePolicy(DeepCacheConfig(cache_interval=3)).plan(units, 7, range(7))
     assert plan[0] == [False] * len(units) and plan[3] == [False] * len(units) and plan[6] == [False] * len(units)
     live = [u.name for u, reuse in zip(units.units, plan[1]) if not reuse]
     assert live == ["out00"]
@@ -70,7 +71,7 @@ def test_deepcache_plan_branch_0_keeps_only_the_last_up_layer_live():
 
 def test_deepcache_plan_deeper_branch_and_window():
     units = _unet_units()
-    plan = DeepCachePolicy(DeepCacheConfig(cache_interval=2, cache_branch=2), 3).plan(units, 8, range(2, 6))
+    plan = DeepCachePolicy(DeepCacheConfig(cache_interval=2, cache_branch=2)).plan(units, 8, range(2, 6))
     assert plan[0] == plan[1] == plan[6] == plan[7] == [False] * len(units)   # outside the window
     assert not any(plan[2]) and not any(plan[4])                                 # window steps 0, 2
     live = [u.name for u, reuse in zip(units.units, plan[3]) if not reuse]
@@ -79,7 +80,7 @@ def test_deepcache_plan_deeper_branch_and_window():
 
 def test_deepcache_branch_beyond_model_is_refused():
     with pytest.raises(ValueError, match="cache_branch 9 is deeper than this U-Net allows"):
-        DeepCachePolicy(DeepCacheConfig(cache_branch=9), 3).validate(_unet_units())
+        DeepCachePolicy(DeepCacheConfig(cache_branch=9)).validate(_unet_units())
 
 
 @pytest.mark.parametrize("kwargs, message", [

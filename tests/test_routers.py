@@ -182,7 +182,8 @@ def test_pickles_with_code_are_refused_and_nothing_runs(tmp_path):
 
 
 def _train_tiny(method, tmp_path, iterations=4, resume=False):
-    from cachekit.core.routers.train import TrainConfig, train_router
+    from cachekit.core.routers.train import TrainConfig
+    from cachekit.diffusers_host.train import train_router
     model = _tiny_dit()
     scheduler = DDIMScheduler()
 
@@ -236,7 +237,8 @@ from pack import load_pack
 load_pack()
 import torch, torch.distributed as dist
 from diffusers import DDIMScheduler, DiTTransformer2DModel
-from cachekit.core.routers.train import TrainConfig, train_router
+from cachekit.core.routers.train import TrainConfig
+from cachekit.diffusers_host.train import train_router
 dist.init_process_group("gloo")
 torch.manual_seed(0)
 model = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, num_layers=2,

@@ -49,8 +49,8 @@ def test_store_reuses_across_joint_and_split_calls():
     assert store.get(cond_only, input_signature(x[:2].double(), cond_only)) is None         # dtype
 
 
-def _session(plan_rows, mode=StoreMode.OUTPUT, protect=False):
-    units = UnitMap("toy", (Unit("u0", "g", "block", mode=mode, protect=protect),))
+def _session(plan_rows, mode=StoreMode.OUTPUT):
+    units = UnitMap("toy", (Unit("u0", "g", "block", mode=mode),))
 
     class Fixed:
         name = "fixed"
@@ -60,11 +60,12 @@ def _session(plan_rows, mode=StoreMode.OUTPUT, protect=False):
     return CacheSession("owner-test", units, Fixed(), StepClock(SIGMAS[:len(plan_rows) + 1]), range(len(plan_rows)))
 
 
-def _run(session, step_sigma, x, fn, layout=CallLayout(("all",))):
+def _run(session, step_sigma, x, fn, layout=CallLayout(("all",)), protect=False):
     def model():
         call = active_call("owner-test")
         return call.session.run_unit(call, 0, lambda: fn(x), x)
-    return session.model_call(model, sigma=step_sigma, layout=layout, samples=x.shape[0])
+    return session.model_call(model, sigma=step_sigma, layout=layout, samples=x.shape[0], call_input=x,
+                              protect=protect)
 
 
 def test_session_reuses_on_planned_steps_and_counts():
@@ -95,14 +96,20 @@ def test_residual_mode_adds_stored_residual_to_current_input():
     assert torch.equal(out, torch.full((1, 2), 13.0))
 
 
-def test_protected_units_are_immune_to_in_place_edits_of_their_output():
-    session = _session([[False], [True], [True]], protect=True)
-    out0 = _run(session, SIGMAS[0], torch.ones(1, 2), lambda x: x * 1)
+def test_calls_that_edit_outputs_in_place_copy_what_is_stored():
+    session = _session([[False], [True], [True]])
+    out0 = _run(session, SIGMAS[0], torch.ones(1, 2), lambda x: x * 1, protect=True)
     out0 += 100                                     # e.g. ComfyUI's ControlNet `h += ctrl`
-    out1 = _run(session, SIGMAS[1], torch.ones(1, 2), lambda x: x * 7)
+    out1 = _run(session, SIGMAS[1], torch.ones(1, 2), lambda x: x * 7, protect=True)
     assert torch.equal(out1, torch.ones(1, 2))
     out1 += 100
-    assert torch.equal(_run(session, SIGMAS[2], torch.ones(1, 2), lambda x: x * 7), torch.ones(1, 2))
+    assert torch.equal(_run(session, SIGMAS[2], torch.ones(1, 2), lambda x: x * 7, protect=True), torch.ones(1, 2))
+
+
+def test_calls_without_in_place_edits_store_without_copying():
+    session = _session([[False], [True]])
+    out0 = _run(session, SIGMAS[0], torch.ones(1, 2), lambda x: x * 3)
+    assert _run(session, SIGMAS[1], torch.ones(1, 2), lambda x: x * 7) is out0
 
 
 def test_units_outside_a_session_compute_normally():

@@ -143,11 +143,25 @@ function render(el) {
   el.append(root);
 }
 
+async function refreshRuns(limit) {
+  try {
+    const response = await api.fetchApi(limit ? `/cachekit/runs?limit=${limit}` : "/cachekit/runs");
+    if (response.ok) (await response.json()).runs.forEach(remember);
+  } catch (error) {
+    console.warn("CacheKit: could not load recent runs", error);
+  }
+}
+
 app.registerExtension({
   name: "CacheKit.HitRates",
   async setup() {
     api.addEventListener("cachekit.progress", (e) => remember(e.detail));
-    api.addEventListener("cachekit.run", (e) => remember(e.detail));
+    api.addEventListener("cachekit.run", (e) => {
+      remember(e.detail);
+      // The FLOP estimate of a model's first run is measured after the run, on request
+      // (never inside the sampling): ask for it once the run has ended.
+      if (e.detail.telemetry && e.detail.telemetry.ideal_speedup == null) refreshRuns(4);
+    });
     app.extensionManager.registerSidebarTab({
       id: "cachekit",
       icon: "pi pi-bolt",
@@ -156,12 +170,7 @@ app.registerExtension({
       type: "custom",
       render: (el) => render(el),
     });
-    try {
-      const response = await api.fetchApi("/cachekit/runs");
-      if (response.ok) (await response.json()).runs.forEach(remember);
-    } catch (error) {
-      console.warn("CacheKit: could not load recent runs", error);
-    }
+    await refreshRuns();
   },
   nodeCreated(node) {
     if (!(node.comfyClass || "").startsWith("CacheKit")) return;

@@ -58,13 +58,21 @@ class AdaptiveSkipRule:
         self.mask: list[bool] = []              # decisions after the warm-up: True = computed
 
     def decide(self, latent: torch.Tensor) -> bool:
-        n = self.steps_seen
-        self.steps_seen += 1
-        if n == 0:           # the initial noise: not part of the official trajectory
-            return True
+        return self.decide_from(self.measure(latent))
+
+    def measure(self, latent: torch.Tensor) -> torch.Tensor | None:
+        """d_k = mean|L_k - L_(k-1)| for the latent this step starts from (None before there is one)."""
+        if self.steps_seen == 0:     # the initial noise: not part of the official trajectory
+            return None
         latent = latent.detach()
         diff = (latent - self._previous).abs().mean() if self._previous is not None else None
         self._previous = latent
+        return diff
+
+    def decide_from(self, diff: torch.Tensor | None) -> bool:
+        """The step's decision from its (rank-agreed) d_k. True = run the model."""
+        n = self.steps_seen
+        self.steps_seen += 1
         if n < WARMUP_STEPS:
             if diff is not None:
                 self._diffs.append(diff)
@@ -83,3 +91,22 @@ class AdaptiveSkipRule:
             return True
         # Tensor arithmetic in the latent's dtype, as the official, so ties round the same way.
         return not bool(abs((cur + prev_prev) / 2 - prev) <= prev * self.config.delta)
+
+
+@dataclass(frozen=True)
+class AdaptivePolicy:
+    """AdaptiveDiffusion as an online, call-level policy of a CacheSession: one decision per step
+    for the whole model call, from the latent the step starts from (agreed across ranks)."""
+    config: AdaptiveConfig
+    name: str = "AdaptiveDiffusion"
+    level: str = "call"
+    online: bool = True
+
+    def start(self, units, num_steps: int, window: range) -> AdaptiveSkipRule:
+        return AdaptiveSkipRule(self.config)
+
+    def measure(self, rule: AdaptiveSkipRule, step: int, latent: torch.Tensor) -> torch.Tensor | None:
+        return rule.measure(latent)
+
+    def decide(self, rule: AdaptiveSkipRule, step: int, diff: torch.Tensor | None) -> bool:
+        return rule.decide_from(diff)

@@ -1,12 +1,19 @@
-"""A method is a policy: it only decides, per step and unit, whether a stored output may be used.
+"""A method is a policy: it only decides; the session (core/session.py) executes and counts.
 
-Static methods (DeepCache, FORA, learned routers) decide everything up front from the number
-of steps, so the hot path is a list lookup and every process of a multi-GPU run takes the
-same decisions.
+* Static policies (DeepCache, FORA, learned routers) decide every step up front from the number
+  of steps: `plan(units, num_steps, window)`. The hot path is a list lookup, and every process of
+  a multi-GPU run takes the same decisions without talking to the others.
+* Online policies (AdaptiveDiffusion, change-driven caching) decide during the run from a
+  measurement: `start(...)` makes the run's state, `measure(state, step, probe)` reduces the
+  probe to a few numbers, the session agrees them across ranks (core/agreement.py), and
+  `decide(state, step, agreed)` returns the step's decision.
+
+`level` says what a unit is: "unit" (blocks, sub-layers) or "call" (the whole model call, one
+unit). `reuse` (optional) is the reuse strategy of core/reuse.py; Hold when absent.
 """
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..units import UnitMap
 
@@ -18,6 +25,21 @@ class Policy(Protocol):
     name: str
 
     def plan(self, units: UnitMap, num_steps: int, window: range) -> Plan:
+        ...
+
+
+class OnlinePolicy(Protocol):
+    name: str
+    level: str
+    online: bool
+
+    def start(self, units: UnitMap, num_steps: int, window: range) -> Any:
+        ...
+
+    def measure(self, state: Any, step: int, probe: Any) -> Any:
+        ...
+
+    def decide(self, state: Any, step: int, agreed: Any) -> bool:
         ...
 
 

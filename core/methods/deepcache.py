@@ -99,31 +99,39 @@ def is_deep(kind: str, position: tuple[int, int], cache_block: int, cache_layer:
     return layer >= cache_layer if kind == "down" else layer > cache_layer
 
 
-def max_branch(units: UnitMap, layers_per_block: int) -> int:
+def geometry_of(units: UnitMap):
+    if units.geometry is None:
+        raise ValueError(f"DeepCache needs a U-Net; this model ({units.family}) has no U-Net geometry. "
+                         "For transformers use FORA.")
+    return units.geometry
+
+
+def max_branch(units: UnitMap) -> int:
     """The deepest branch that still leaves something to reuse besides the middle block."""
-    downs = [u.position for u in units.units if u.kind == "down"]
-    return max(b * layers_per_block + l for b, l in downs)
+    geometry = geometry_of(units)
+    downs = [p for u, p in zip(units.units, geometry.positions) if u.kind == "down"]
+    return max(b * geometry.layers_per_block + l for b, l in downs)
 
 
 @dataclass(frozen=True)
 class DeepCachePolicy:
     config: DeepCacheConfig
-    layers_per_block: int
     name: str = "DeepCache"
 
     def validate(self, units: UnitMap) -> None:
-        top = max_branch(units, self.layers_per_block)
+        top = max_branch(units)
         if self.config.cache_branch > top:
             raise ValueError(
                 f"cache_branch {self.config.cache_branch} is deeper than this U-Net allows "
-                f"(0-{top} for its {self.layers_per_block} layers per level). Lower cache_branch.")
+                f"(0-{top} for its {geometry_of(units).layers_per_block} layers per level). Lower cache_branch.")
 
     def plan(self, units: UnitMap, num_steps: int, window: range) -> Plan:
         plan = full_plan(units, num_steps)
         if self.config.cache_interval == 1 or len(window) == 0:
             return plan
-        cache_block, cache_layer = branch_position(self.config.cache_branch, self.layers_per_block)
-        deep = [is_deep(u.kind, u.position, cache_block, cache_layer) for u in units.units]
+        geometry = geometry_of(units)
+        cache_block, cache_layer = branch_position(self.config.cache_branch, geometry.layers_per_block)
+        deep = [is_deep(u.kind, p, cache_block, cache_layer) for u, p in zip(units.units, geometry.positions)]
         full = full_steps(self.config, len(window))
         for rel, step in enumerate(window):
             if rel not in full:

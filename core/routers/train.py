@@ -20,7 +20,6 @@ Logits are clamped to [-5, 5] after each update, as the official trainers do.
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..diffusers_adapter import dit_units
+from ..reuse import add_residual, blend, residual_of
 from ..streams import Tree, tree_map
 from ..methods.router import routed_steps
 from .format import METHODS, Router
@@ -53,22 +52,24 @@ class SoftUnits:
 
     def apply(self, index: int, fresh: Tree, unit_input: Tree | None = None) -> Tree:
         """A unit's output this call. With unit_input, the unit is residual: what is cached and
-        reused is output minus input (whole blocks whose gates are inside the block)."""
+        reused is output minus input (whole blocks whose gates are computed inside the block).
+        The reuse itself is core/reuse.py's: blend(w, fresh, held value)."""
         if self.mode == "reference":                # computed, cache untouched
             return fresh
         residual = unit_input is not None
         cached = self.cache[index]
         if self.mode == "full" or cached is None or not _same_shapes(cached, fresh):
-            self.cache[index] = tree_map(lambda f, x: (f - x).detach(), fresh, unit_input) if residual \
-                else tree_map(torch.Tensor.detach, fresh)
+            self._keep(index, fresh, unit_input)
             return fresh
         w = self.weights[index]
-        reuse = tree_map(torch.add, unit_input, cached) if residual else cached
-        out = tree_map(lambda f, r: w * f + (1 - w) * r, fresh, reuse)
+        out = blend(w, fresh, add_residual(unit_input, cached) if residual else cached)
         if float(w.detach()) > self.threshold:      # the sub-layer would be recomputed: refresh
-            self.cache[index] = tree_map(lambda o, x: (o - x).detach(), out, unit_input) if residual \
-                else tree_map(torch.Tensor.detach, out)
+            self._keep(index, out, unit_input)
         return out
+
+    def _keep(self, index: int, value: Tree, unit_input: Tree | None) -> None:
+        kept = residual_of(value, unit_input) if unit_input is not None else value
+        self.cache[index] = tree_map(torch.Tensor.detach, kept)
 
     def reset(self) -> None:
         self.cache = [None] * len(self.cache)
@@ -138,38 +139,6 @@ class Sampler:
     start: Callable[[torch.Generator, int], tuple]
     predict: Callable[[torch.Tensor, int, Any], torch.Tensor]
     step: Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]
-
-
-def diffusers_sampler(model: torch.nn.Module, scheduler: Any, num_steps: int,
-                      make_batch: Callable[[torch.Generator, int], tuple],
-                      call: Callable[[torch.nn.Module, torch.Tensor, Any, Any], torch.Tensor]) -> Sampler:
-    """A diffusers scheduler loop: call(model, x, t, cond) is the noise prediction (CFG included)."""
-    scheduler = copy.deepcopy(scheduler)
-    scheduler.set_timesteps(num_steps)
-    timesteps = list(scheduler.timesteps)
-    return Sampler(num_steps, make_batch, lambda x, k, cond: call(model, x, timesteps[k], cond),
-                   lambda out, k, x: scheduler.step(out, timesteps[k], x).prev_sample)
-
-
-def train_router(model: torch.nn.Module, scheduler: Any, make_batch: Callable[[torch.Generator, int], tuple],
-                 call: Callable[[torch.nn.Module, torch.Tensor, Any, Any], torch.Tensor], config: TrainConfig, *,
-                 family: str = "dit", checkpoint: Path | None = None, resume: bool = False,
-                 progress: Callable[[int, int, float], None] | None = None, distributed: Any = None) -> Router:
-    """Train a router for a diffusers DiT / PixArt transformer sampled with `scheduler`.
-
-    make_batch(generator, batch) -> (x_T, conditioning); call(model, x, t, conditioning) -> the
-    noise prediction used by the sampler (CFG included), as the sampling code computes it.
-    `distributed`: a torch.distributed module already initialised; gradients are averaged over
-    its processes (each draws its own batches).
-    """
-    units, slots = dit_units(model)
-    sampler = diffusers_sampler(model, scheduler, config.num_steps, make_batch, call)
-    model.requires_grad_(False)
-    router = train_units([slot.get() for slot in slots], [u.kind for u in units.units], sampler, config,
-                         family=family, checkpoint=checkpoint, resume=resume, progress=progress,
-                         distributed=distributed)
-    router.sampler = type(scheduler).__name__
-    return router
 
 
 def train_units(modules: list[torch.nn.Module | None], kinds: list[str], sampler: Sampler, config: TrainConfig, *,

@@ -8,37 +8,36 @@
 from __future__ import annotations
 
 import time
+from functools import partial
 from typing import Any, Callable
 
 import torch
 
-from .autotune import NO_CACHING, TuneResult, autotune, check_target, ladders
-from .autotune import deepcache_branches as candidate_branches
-from .diffusers_adapter import is_unet, unet_units
-from .diffusers_api import _resolve, apply_deepcache, apply_fora
-from .diffusers_step_skip import apply_adaptive_skip
-from .methods.deepcache import max_branch
+from ..core.autotune import METHODS, TuneResult, autotune, check_method, check_target, ladders
+from ..core.methods import registry
+from . import registry as host
+from .api import _resolve
 
-APPLY = {"deepcache": apply_deepcache, "fora": apply_fora, "adaptive": apply_adaptive_skip}
+# key -> apply function (keyword settings, scheduler=, num_inference_steps=), for every tunable
+# method of the registry.
+APPLY = registry.LiveMapping(lambda: {key: partial(host.apply, method=key) for key in METHODS})
 
 
-def deepcache_branches(model: torch.nn.Module) -> list[int]:
-    units, _, layers_per_block = unet_units(model)
-    return candidate_branches(max_branch(units, layers_per_block))
+def _alternatives(kind: str) -> str:
+    others = [s.key for s in registry.methods() if s.tunable and s.fits_model(kind)]
+    return f"{', '.join(others[:-1])} or {others[-1]}" if len(others) > 1 else "".join(others)
 
 
 def check_fits(model: torch.nn.Module, method: str, scheduler: Any, num_inference_steps: int | None) -> None:
     """Fail now, before any calibration sampling, if `method` cannot be applied to `model`: it is
     applied with caching off and removed again, which runs every check the real trials would."""
-    if method not in APPLY:
-        raise ValueError(f"unknown method {method!r}; choose one of {tuple(APPLY)}")
-    name = type(model).__name__
-    if method == "deepcache" and not is_unet(model):
-        raise ValueError(f"DeepCache needs a U-Net; got {name}. Tune fora or adaptive instead.")
-    if method == "fora" and is_unet(model):
-        raise ValueError(f"FORA works on DiT transformers; this model is a U-Net ({name}): tune deepcache or "
-                         "adaptive instead.")
-    APPLY[method](model, **NO_CACHING[method], scheduler=scheduler, num_inference_steps=num_inference_steps).remove()
+    check_method(method)
+    spec = registry.get(method)
+    if spec.fits == "unet":
+        host.check_kind(spec, model, f" Tune {_alternatives('dit')} instead.")
+    elif spec.fits == "dit":
+        host.check_kind(spec, model, f" Tune {_alternatives('unet')} instead.")
+    host.apply_off(model, method, scheduler=scheduler, num_inference_steps=num_inference_steps).remove()
 
 
 def autotune_diffusers(target: Any, run: Callable[[], torch.Tensor], *, method: str, target_kind: str = "psnr",
@@ -49,12 +48,12 @@ def autotune_diffusers(target: Any, run: Callable[[], torch.Tensor], *, method: 
     model, scheduler = _resolve(target, scheduler)
     check_fits(model, method, scheduler, num_inference_steps)
     check_target(target_kind, value)
-    candidate_ladders = ladders(method, deepcache_branches(model)) if method == "deepcache" else None
+    candidate_ladders = ladders(method, host.model_units(model, registry.get(method).fits))
     last = {"ideal": None}
 
     def sample(settings: dict | None):
-        handle = None if settings is None else APPLY[method](model, **settings, scheduler=scheduler,
-                                                             num_inference_steps=num_inference_steps)
+        handle = None if settings is None else host.apply(model, method, **settings, scheduler=scheduler,
+                                                          num_inference_steps=num_inference_steps)
         try:
             start = time.perf_counter()
             with torch.no_grad():

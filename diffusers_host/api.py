@@ -24,15 +24,18 @@ from typing import Any
 
 import torch
 
-from .clock import StepClock, window_from_percent
-from .diffusers_adapter import DIT_LAYOUTS, UnitSlot, dit_units, is_unet, unet_units
-from .methods import DeepCacheConfig, DeepCachePolicy, ForaConfig, ForaPolicy
-from .methods.base import Policy
-from .proxy import make_proxy
-from .session import CacheSession
-from .streams import SINGLE_STREAM, first_tensor, input_signature
-from .telemetry import RunTelemetry
-from .units import UnitMap
+from ..core.clock import StepClock, window_from_percent
+from ..core.flops import FlopProfiler, lazy_profile
+from ..core.lifecycle import RunLifecycle
+from ..core.methods import DeepCacheConfig, DeepCachePolicy, ForaConfig, ForaPolicy
+from ..core.methods.base import Policy
+from ..core.proxy import make_proxy, restore_module
+from ..core.session import CacheSession
+from ..core.streams import SINGLE_STREAM, empty_from_specs, first_tensor, input_signature, tensor_specs
+from ..core.telemetry import RunTelemetry
+from ..core.units import UnitMap
+from . import attach
+from .units import DIT_LAYOUTS, UnitSlot, dit_units, is_unet, unet_units
 
 _OWNER_IDS = itertools.count()
 _HANDLE_ATTR = "_cachekit_handle"
@@ -40,26 +43,26 @@ STEP_SKIP_ATTR = "_cachekit_step_skip"   # a step-skip handle may sit on top of 
 
 
 class RunRecorder:
-    """A handle's runs: the session of the run in progress and the last finished runs."""
+    """A handle's runs, kept by its RunLifecycle: the run in progress and the last finished runs."""
 
-    session: Any = None
-    runs: list[RunTelemetry]
+    lifecycle: RunLifecycle
+
+    @property
+    def session(self) -> CacheSession | None:
+        return self.lifecycle.session
+
+    @property
+    def runs(self) -> list[RunTelemetry]:
+        return self.lifecycle.runs
 
     @property
     def telemetry(self) -> RunTelemetry | None:
         """The current run's telemetry, or the last finished run's."""
-        if self.session is not None:
-            return self.session.telemetry
-        return self.runs[-1] if self.runs else None
+        return self.lifecycle.telemetry
 
     def finish_run(self) -> RunTelemetry | None:
         """End the current run now (it also ends when the next run starts)."""
-        if self.session is None:
-            return None
-        telemetry = self.session.close()
-        self.runs = (self.runs + [telemetry])[-16:]
-        self.session = None
-        return telemetry
+        return self.lifecycle.close()
 
 
 def call_timestep(args: tuple, kwargs: dict) -> float | None:
@@ -68,12 +71,17 @@ def call_timestep(args: tuple, kwargs: dict) -> float | None:
     return float(torch.as_tensor(t).flatten()[0]) if t is not None else None
 
 
+def _freeu_enabled(model: torch.nn.Module) -> bool:
+    """diffusers' FreeU scales up-block features in place: stored values must then be copies."""
+    return any(getattr(block, "b1", None) and getattr(block, "s1", None) for block in getattr(model, "up_blocks", ()))
+
+
 class CacheHandle(RunRecorder):
     """A method applied to one diffusers model. `remove()` restores the model exactly."""
 
     def __init__(self, model: torch.nn.Module, units: UnitMap, slots: list[UnitSlot], policy: Policy,
                  start_percent: float, end_percent: float, scheduler: Any = None,
-                 num_inference_steps: int | None = None):
+                 num_inference_steps: int | None = None, region_slots: list[UnitSlot] | None = None):
         self.model = model
         self.units = units
         self.policy = policy
@@ -81,57 +89,91 @@ class CacheHandle(RunRecorder):
         self.num_inference_steps = num_inference_steps
         self.start_percent, self.end_percent = start_percent, end_percent
         self.owner = f"cachekit-diffusers-{next(_OWNER_IDS)}"
-        self.session: CacheSession | None = None
-        self.runs: list[RunTelemetry] = []       # finished runs, newest last (at most 16)
+        self.lifecycle = RunLifecycle(self.owner, self._new_session)
         self._tracker = StepTracker(scheduler, num_inference_steps)
-        self._slots = slots
-        self._originals = [slot.get() for slot in slots]
-        for index, (slot, module) in enumerate(zip(slots, self._originals)):
-            slot.set(make_proxy(module, self.owner, index))
+        # Units first, then regions around them: a region proxy shares the block's (patched) children.
+        self._slots = list(slots) + list(region_slots or [])
+        self._originals = [slot.get() for slot in self._slots]
+        attach.check_model(model, self._originals)     # other caches' hooks: refused (diffusers_host/attach.py)
+        proxies = [make_proxy(module, self.owner, index) for index, module in enumerate(self._originals[:len(slots)])]
+        proxies += [make_proxy(module, self.owner, index, region=True)
+                    for index, module in enumerate(self._originals[len(slots):])]
+        for slot, proxy in zip(self._slots, proxies):
+            slot.set(proxy)
+        self._proxies = proxies
         self._hooks = [
-            model.register_forward_pre_hook(self._before_call, with_kwargs=True),
-            model.register_forward_hook(self._after_call, with_kwargs=True, always_call=True),
+            model.register_forward_pre_hook(attach.compile_safe(self._before_call), with_kwargs=True),
+            model.register_forward_hook(attach.compile_safe(self._after_call), with_kwargs=True, always_call=True),
         ]
         self._scopes: list[Any] = []
         setattr(model, _HANDLE_ATTR, self)
+        # A copy (deepcopy, pickle, torch.save) of the model is plain: no handle, no hooks.
+        self._copy_token = attach.exclude_from_copies(model, attrs=(_HANDLE_ATTR,), hooks=self._hooks)
 
     def remove(self) -> None:
         self.finish_run()
+        for telemetry in self.runs:       # profile while the units are still in place (not timed)
+            telemetry.resolve_flops()
         for hook in self._hooks:
             hook.remove()
-        for slot, module in zip(self._slots, self._originals):
-            slot.set(module)
+        for slot, original, proxy in reversed(list(zip(self._slots, self._originals, self._proxies))):
+            restored = restore_module(original, proxy)
+            if slot.get() is proxy:          # a module the user put there while patched stays
+                slot.set(restored)
         if getattr(self.model, _HANDLE_ATTR, None) is self:
             delattr(self.model, _HANDLE_ATTR)
+        attach.include_again(self.model, self._copy_token)
 
     # -- per call --
     def _before_call(self, module, args, kwargs):
-        session, sigma = self._session_for(call_timestep(args, kwargs))
+        session, sigma, new_run = self._session_for(call_timestep(args, kwargs))
         x = first_tensor(args) if args else first_tensor(kwargs)
         samples = x.shape[0] if x is not None else 1
-        profile_key = (self.model, input_signature(x, SINGLE_STREAM)) if x is not None else None
+        if new_run and x is not None:
+            self._prepare_profile(session, args, kwargs, x)
         # The forward runs between the two hooks: the pre-hook opens the call's scope and the
         # forward hook (always_call, so also on an exception) closes it.
-        scope = session.call_scope(sigma=sigma, layout=SINGLE_STREAM, samples=samples, profile_key=profile_key)
+        scope = session.call_scope(sigma=sigma, layout=SINGLE_STREAM, samples=samples, call_input=x,
+                                   protect=_freeu_enabled(self.model))
         scope.__enter__()
         self._scopes.append(scope)
         return None
 
     def _after_call(self, module, args, kwargs, output):
-        if self._scopes:     # empty when the pre-hook itself failed (e.g. a router refused the steps)
+        if self._scopes:     # empty when the pre-hook failed (a router refused the steps)
             self._scopes.pop().__exit__(None, None, None)
         return None
 
-    def _session_for(self, t: float | None) -> tuple[CacheSession, float | None]:
+    def _session_for(self, t: float | None) -> tuple[CacheSession, float | None, bool]:
         new_run, step, sigma = self._tracker.locate(t, self.session is not None)
         if new_run:
-            self.finish_run()
-            num_steps, first = self._tracker.num_steps, self._tracker.first_step
-            # The window and the method's schedule count from the run's first call (img2img).
-            rest = window_from_percent(num_steps - first, self.start_percent, self.end_percent)
-            window = range(first + rest.start, first + rest.stop)
-            self.session = CacheSession(self.owner, self.units, self.policy, self._tracker.clock, window)
-        return self.session, sigma
+            self.lifecycle.open()
+        return self.session, sigma, new_run
+
+    def _new_session(self) -> CacheSession:
+        num_steps, first = self._tracker.num_steps, self._tracker.first_step
+        # The window and the method's schedule count from the run's first call (img2img).
+        rest = window_from_percent(num_steps - first, self.start_percent, self.end_percent)
+        window = range(first + rest.start, first + rest.stop)
+        return CacheSession(self.owner, self.units, self.policy, self._tracker.clock, window)
+
+    def _prepare_profile(self, session: CacheSession, args: tuple, kwargs: dict, x: torch.Tensor) -> None:
+        """Known FLOP profile: use it. Unknown: record the call's input shapes, so a report can
+        replay the call on fake tensors after the run (core/flops.py)."""
+        key = (self.model, input_signature(x, SINGLE_STREAM))
+        known = FlopProfiler.lookup(key)
+        if known is not None:
+            session.telemetry.unit_flops, session.telemetry.call_flops = known
+            return
+        specs = tensor_specs((args, kwargs))
+
+        def replay():
+            # The class's forward: neither this handle's hooks nor a step skip's wrapper take part.
+            fake_args, fake_kwargs = empty_from_specs(specs)
+            with torch.no_grad():
+                type(self.model).forward(self.model, *fake_args, **fake_kwargs)
+
+        session.telemetry.flop_source = lazy_profile(session, key, x.shape[0], replay)
 
 
 class StepTracker:
@@ -219,10 +261,11 @@ def apply_deepcache(target: Any, *, cache_interval: int = 3, cache_branch: int =
                          "For transformers use apply_fora.")
     _check_free(model)
     config = DeepCacheConfig(cache_interval, cache_branch, schedule, center, power, start_percent, end_percent)
-    units, slots, layers_per_block = unet_units(model)
-    policy = DeepCachePolicy(config, layers_per_block)
+    units, slots, region_slots = unet_units(model)
+    policy = DeepCachePolicy(config)
     policy.validate(units)
-    return CacheHandle(model, units, slots, policy, start_percent, end_percent, scheduler, num_inference_steps)
+    return CacheHandle(model, units, slots, policy, start_percent, end_percent, scheduler, num_inference_steps,
+                       region_slots)
 
 
 def apply_fora(target: Any, *, interval: int = 3, start_percent: float = 0.0, end_percent: float = 1.0,
@@ -240,8 +283,8 @@ def apply_router(target: Any, router: Any, *, threshold: float | None = None, sc
     """A learned L2C / HarmoniCa router (our .safetensors, an official L2C .pt, or a Router) on a
     diffusers DiT or PixArt transformer. Depth and layout are checked now, the step count when
     sampling starts."""
-    from .methods.router import RouterPolicy, check_threshold, not_a_dit
-    from .routers import Router, load_any
+    from ..core.methods.router import RouterPolicy, check_threshold, not_a_dit
+    from ..core.routers import Router, load_any
     check_threshold(threshold)
     model, scheduler = _resolve(target, scheduler)
     if type(model).__name__ not in DIT_LAYOUTS:

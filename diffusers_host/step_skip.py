@@ -5,41 +5,45 @@
     image = pipe(prompt, num_inference_steps=50).images[0]
     handle.remove()
 
-The model's forward is wrapped (an instance attribute, removed again by `remove()`): on a
-skipped step the model does not run and its previous output is returned, as the official
-pipeline reuses `noise_pred`. The rule watches the model's input latent; with classifier-free
-guidance pipelines batch [latents, latents], whose mean change equals that of the latents.
-Calls within one step are told apart by their order and input shape, so pipelines that call
-the model once per CFG branch reuse each branch's own output. It stacks with apply_deepcache or
-apply_fora on the same model: a skipped step then runs no unit either.
+The model's forward is wrapped (an instance attribute, removed again by `remove()`): each call
+runs through the run's CacheSession as one call-level unit, and on a skipped step the session
+returns the previous output, as the official pipeline reuses `noise_pred`. The policy watches
+the model's input latent; with classifier-free guidance pipelines batch [latents, latents],
+whose mean change equals that of the latents. Calls within one step are told apart by their
+order and input shape, so pipelines that call the model once per CFG branch reuse each branch's
+own output. It stacks with apply_deepcache or apply_fora on the same model: a skipped step then
+runs no unit either, and that run's telemetry says so.
 """
 from __future__ import annotations
 
 import functools
 import itertools
-import time
 from typing import Any
 
 import torch
 
-from .diffusers_api import STEP_SKIP_ATTR, RunRecorder, StepTracker, _resolve, call_timestep
-from .methods.adaptive import AdaptiveConfig
-from .step_skip import StepSkipSession
-from .streams import first_tensor
-from .telemetry import RunTelemetry
+from ..core.lifecycle import RunLifecycle
+from ..core.methods.adaptive import AdaptiveConfig, AdaptivePolicy
+from ..core.session import CacheSession
+from ..core.streams import SINGLE_STREAM, first_tensor
+from ..core.units import call_unit_map
+from . import attach
+from .api import _HANDLE_ATTR, STEP_SKIP_ATTR, RunRecorder, StepTracker, _resolve, call_timestep
 
 _OWNER_IDS = itertools.count()
 _INPUT_NAMES = ("sample", "hidden_states", "x")
 
 
 class StepSkipHandle(RunRecorder):
-    def __init__(self, model: torch.nn.Module, config: AdaptiveConfig, scheduler: Any = None,
-                 num_inference_steps: int | None = None):
+    def __init__(self, model: torch.nn.Module, config: AdaptiveConfig | None, scheduler: Any = None,
+                 num_inference_steps: int | None = None, policy: Any = None):
+        """`policy`: any call-level policy; AdaptiveDiffusion with `config` by default."""
         self.model = model
         self.config = config
+        self.policy = policy if policy is not None else AdaptivePolicy(config)
         self.owner = f"cachekit-step-skip-{next(_OWNER_IDS)}"
-        self.session: StepSkipSession | None = None
-        self.runs: list[RunTelemetry] = []
+        self.lifecycle = RunLifecycle(self.owner, self._new_session)
+        self._units = call_unit_map(type(model).__name__)
         self._tracker = StepTracker(scheduler, num_inference_steps)
         self._step: int | None = None
         self._ordinal = 0
@@ -48,6 +52,10 @@ class StepSkipHandle(RunRecorder):
         # A plain function (not a bound method) so that it can carry the forward's signature.
         model.forward = functools.wraps(self._previous_forward)(lambda *a, **k: self._forward(*a, **k))
         setattr(model, STEP_SKIP_ATTR, self)
+        # A copy (deepcopy, pickle, torch.save) of the model is plain: the forward it had before.
+        self._copy_token = attach.exclude_from_copies(
+            model, attrs=(STEP_SKIP_ATTR,), forward=model.__dict__["forward"],
+            previous_forward=self._previous_forward if self._had_instance_forward else None)
 
     def remove(self) -> None:
         self.finish_run()
@@ -57,29 +65,28 @@ class StepSkipHandle(RunRecorder):
             self.model.__dict__.pop("forward", None)
         if getattr(self.model, STEP_SKIP_ATTR, None) is self:
             delattr(self.model, STEP_SKIP_ATTR)
+        attach.include_again(self.model, self._copy_token)
+
+    def _new_session(self) -> CacheSession:
+        clock = self._tracker.clock
+        return CacheSession(self.owner, self._units, self.policy, clock, range(clock.num_steps))
 
     def _forward(self, *args, **kwargs):
         t = call_timestep(args, kwargs)
         x = args[0] if args and isinstance(args[0], torch.Tensor) else next(
             (kwargs[name] for name in _INPUT_NAMES if isinstance(kwargs.get(name), torch.Tensor)), first_tensor(kwargs))
-        new_run, _, sigma = self._tracker.locate(t, self.session is not None)
+        new_run, step, sigma = self._tracker.locate(t, self.session is not None)
         if new_run:
-            self.finish_run()
-            self.session = StepSkipSession(self.owner, self.config, self._tracker.clock, type(self.model).__name__)
-        step, compute = self.session.begin_call(sigma, x)
+            self.lifecycle.open()
+        session = self.session
         self._ordinal = 0 if step != self._step else self._ordinal + 1
         self._step = step
         key = (self._ordinal, tuple(x.shape), x.dtype)
-        if not compute:
-            stored = self.session.stored(key)
-            if stored is not None:
-                self.session.record(step, x.shape[0], reused=True)
-                return stored
-        started = time.perf_counter()
-        out = self._previous_forward(*args, **kwargs)
-        self.session.store(key, out)
-        self.session.record(step, x.shape[0], reused=False, seconds=time.perf_counter() - started)
-        return out
+        cache = getattr(self.model, _HANDLE_ATTR, None)
+        peers = (cache.session,) if cache is not None and cache.session is not None else ()
+        with session.call_scope(sigma=sigma, layout=SINGLE_STREAM, samples=x.shape[0]) as call:
+            return session.run_call(call, lambda: self._previous_forward(*args, **kwargs), probe=x, key=key,
+                                    peers=peers)
 
 
 def apply_adaptive_skip(target: Any, *, delta: float = 0.01, max_skip_steps: int = 4, scheduler: Any = None,
