@@ -10,9 +10,9 @@ their own glue, as with any graph break in a loop; the units and blocks inside s
 Measured on this CPU (torch 2.13, 2 cores): tiny DiT + FORA, inductor, 6 steps: 8 graph breaks
 (6 at `_decide`, 2 at `_record`), 11 graphs, ~35 s cold (~10 s with inductor's cache warm).
 Tiny U-Net + DeepCache: 26 breaks (all `_decide` / `_record`); inductor needs ~100-175 s cold
-here (C++ for its ~15 graphs), so this test compiles the U-Net with `aot_eager` (dynamo and
+here (C++ for its ~15 graphs), so the two-level U-Net compiles with `aot_eager` (dynamo and
 AOTAutograd exactly as inductor gets them, without code generation; ~20 s). Inductor on the
-U-Net was checked by hand: max |diff| 7.7e-7 against eager.
+U-Net was checked by hand: max |diff| 7.7e-7 against eager; a one-level U-Net runs inductor in the test.
 """
 import re
 
@@ -117,4 +117,38 @@ def test_deepcache_unet_compiles_and_matches_eager():
     assert 0 < at_boundary <= 4 * (len(handle.units) + len(handle.units.regions))    # measured: 26
     code = "\n".join(gm.code for gm in graphs)
     assert "conv2d" in code and "group_norm" in code and "scaled_dot_product_attention" in code
+    handle.remove()
+
+
+def test_deepcache_one_level_unet_compiles_with_inductor_and_matches_eager():
+    """Inductor itself on a U-Net: a one-level U-Net keeps its code generation near 45 s cold."""
+    model = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8,),
+        down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",),
+        cross_attention_dim=8, norm_num_groups=4, attention_head_dim=2).eval()
+    sched = td.scheduler(4)
+    g = torch.Generator().manual_seed(1)
+    sample, context = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 3, 8, generator=g)
+
+    def run(m):
+        outs, x = [], sample
+        with torch.no_grad():
+            for t in sched.timesteps:
+                outs.append(m(x, t, encoder_hidden_states=context, return_dict=False)[0])
+                x = x - 0.05 * outs[-1]
+        return outs
+
+    handle = apply_deepcache(model, cache_interval=3, scheduler=sched)
+    eager = run(model)
+    eager_counts = _counts(handle.finish_run())
+    assert handle.runs[-1].step_hit_rates()[1] > 0
+    compiled, graphs = _compile(model, "inductor")
+    outs = run(compiled)
+    assert _close(outs, eager)                                # measured: max |diff| 6e-7
+    assert _counts(handle.finish_run()) == eager_counts
+    at_boundary, breaks_inside_units = _breaks()
+    assert breaks_inside_units == 0
+    assert 0 < at_boundary <= 4 * (len(handle.units) + len(handle.units.regions))    # measured: 14
+    code = "\n".join(gm.code for gm in graphs)
+    assert "conv2d" in code and "scaled_dot_product_attention" in code
     handle.remove()
