@@ -253,14 +253,21 @@ def _check_free(model: torch.nn.Module) -> None:
 
 def apply_deepcache(target: Any, *, cache_interval: int = 3, cache_branch: int = 0, schedule: str = "uniform",
                     center: int = 15, power: float = 1.4, start_percent: float = 0.0, end_percent: float = 1.0,
-                    scheduler: Any = None, num_inference_steps: int | None = None) -> CacheHandle:
-    """DeepCache on a diffusers U-Net (UNet2DConditionModel and relatives)."""
+                    reuse: str = "hold", scheduler: Any = None,
+                    num_inference_steps: int | None = None) -> CacheHandle:
+    """DeepCache on a diffusers U-Net (UNet2DConditionModel and relatives).
+
+    `reuse`: "hold" (default, the published method) reuses the deep features of the last full
+    step; "forecast1" / "forecast2" extrapolate them instead (TaylorSeer: a Taylor expansion of
+    order 1 or 2 whose derivatives are divided differences over the steps between the last
+    refreshes). Forecast keeps order + 1 tensors per stored unit (2 or 3 times hold's cache
+    memory), reported in `telemetry.cache_bytes`."""
     model, scheduler = _resolve(target, scheduler)
     if not is_unet(model):
         raise ValueError(f"DeepCache needs a U-Net (down_blocks / mid_block / up_blocks); got {type(model).__name__}. "
                          "For transformers use apply_fora.")
     _check_free(model)
-    config = DeepCacheConfig(cache_interval, cache_branch, schedule, center, power, start_percent, end_percent)
+    config = DeepCacheConfig(cache_interval, cache_branch, schedule, center, power, start_percent, end_percent, reuse)
     units, slots, region_slots = unet_units(model)
     policy = DeepCachePolicy(config)
     policy.validate(units)
@@ -269,11 +276,17 @@ def apply_deepcache(target: Any, *, cache_interval: int = 3, cache_branch: int =
 
 
 def apply_fora(target: Any, *, interval: int = 3, start_percent: float = 0.0, end_percent: float = 1.0,
-               scheduler: Any = None, num_inference_steps: int | None = None) -> CacheHandle:
-    """FORA on a diffusers DiT, PixArt, SD3 or Flux transformer."""
+               reuse: str = "hold", scheduler: Any = None, num_inference_steps: int | None = None) -> CacheHandle:
+    """FORA on a diffusers DiT, PixArt, SD3 or Flux transformer.
+
+    `reuse`: "hold" (default, the published method) reuses each unit's output from the last
+    refresh; "forecast1" / "forecast2" extrapolate it instead (TaylorSeer: a Taylor expansion of
+    order 1 or 2 whose derivatives are divided differences over the steps between the last
+    refreshes; residual units forecast their residual). Forecast keeps order + 1 tensors per
+    stored unit (2 or 3 times hold's cache memory), reported in `telemetry.cache_bytes`."""
     model, scheduler = _resolve(target, scheduler)
     _check_free(model)
-    config = ForaConfig(interval, start_percent, end_percent)
+    config = ForaConfig(interval, start_percent, end_percent, reuse)
     units, slots = dit_units(model)
     return CacheHandle(model, units, slots, ForaPolicy(config), start_percent, end_percent, scheduler, num_inference_steps)
 

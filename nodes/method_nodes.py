@@ -75,15 +75,17 @@ def _node_id(cls) -> str | None:
 def widget(setting: Setting):
     """A registry setting as a ComfyUI input (None fields are left out of the schema, as unset)."""
     tooltip = setting.tooltip or None
+    optional = setting.optional      # added after release: old API prompts without it still validate
     if setting.type == "int":
         return io.Int.Input(setting.name, default=setting.default, min=setting.min, max=setting.max,
-                            step=setting.step, tooltip=tooltip)
+                            step=setting.step, tooltip=tooltip, optional=optional)
     if setting.type == "float":
         return io.Float.Input(setting.name, default=setting.default, min=setting.min, max=setting.max,
-                              step=setting.step, tooltip=tooltip)
+                              step=setting.step, tooltip=tooltip, optional=optional)
     if setting.type == "combo":
-        return io.Combo.Input(setting.name, options=list(setting.options), default=setting.default, tooltip=tooltip)
-    return io.Boolean.Input(setting.name, default=setting.default, tooltip=tooltip)
+        return io.Combo.Input(setting.name, options=list(setting.options), default=setting.default, tooltip=tooltip,
+                              optional=optional)
+    return io.Boolean.Input(setting.name, default=setting.default, tooltip=tooltip, optional=optional)
 
 
 class _Facts(dict):

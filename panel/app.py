@@ -11,11 +11,12 @@ import argparse
 
 import gradio as gr
 
+from ..core.reuse import STRATEGIES
 from ..tinymodels.shapes import CLASSES
 from ..core.heatmap import block_heatmap
 from . import charts, comfy_client, engine, pictures, report
 
-CONTROLS = ("interval", "branch", "delta", "start_percent")   # method sliders, in the order of build()
+CONTROLS = ("interval", "branch", "delta", "start_percent", "reuse")   # method sliders, in the order of build()
 # The charts carry their own titles (charts.py): gradio's label would sit on top of the picture.
 CHART = dict(type="numpy", format="png", interactive=False, show_label=False, buttons=["download", "fullscreen"])
 
@@ -57,11 +58,12 @@ def comfy_runs(url):
 
 
 def generate(model, method, interval, branch, class_name, seed, steps, cfg, images, delta=engine.Request.delta,
-             start_percent=engine.Request.start_percent, rounds=engine.Request.rounds, progress=gr.Progress()):
+             start_percent=engine.Request.start_percent, rounds=engine.Request.rounds, reuse=engine.Request.reuse,
+             progress=gr.Progress()):
     request = engine.Request(model=model, method=method, interval=int(interval), branch=int(branch),
                              class_name=class_name, seed=int(seed), steps=int(steps), cfg=float(cfg),
                              images=int(images), delta=float(delta), start_percent=float(start_percent),
-                             rounds=int(rounds))
+                             rounds=int(rounds), reuse=str(reuse))
 
     def on_progress(text, done, total):
         progress(done / total, desc=text)
@@ -112,6 +114,9 @@ def build() -> gr.Blocks:
             start_percent = gr.Slider(0.0, 0.9, value=engine.Request.start_percent, step=0.05,
                                       label="FORA start (share of steps computed in full)",
                                       visible=shown["start_percent"], elem_id="start-percent")
+            reuse = gr.Dropdown(list(STRATEGIES), value=engine.Request.reuse, label="Reuse",
+                                info="hold: last computed value; forecast1/2: Taylor extrapolation (TaylorSeer)",
+                                visible=shown["reuse"], elem_id="reuse")
         with gr.Row():
             steps = gr.Slider(5, 100, value=engine.Request.steps, step=1, label="Steps (DDIM)", elem_id="steps")
             cfg = gr.Slider(1.0, 8.0, value=engine.Request.cfg, step=0.5, label="CFG")
@@ -135,10 +140,11 @@ def build() -> gr.Blocks:
                 attach = gr.Button("Show ComfyUI runs", elem_id="comfy-attach")
             comfy_list = gr.Markdown(elem_id="comfy-runs")
             comfy_run = gr.JSON(label="Newest run", visible=False)
-        controls = [method_info, interval, branch, delta, start_percent]
+        controls = [method_info, interval, branch, delta, start_percent, reuse]
         model.change(_methods_for, model, [method] + controls)
         method.change(_controls_for, method, controls)
-        inputs = [model, method, interval, branch, class_name, seed, steps, cfg, images, delta, start_percent, rounds]
+        inputs = [model, method, interval, branch, class_name, seed, steps, cfg, images, delta, start_percent, rounds,
+                  reuse]
         run.click(generate, inputs, [uncached, cached, difference, summary, heatmap, step_plot, block_plot, stats,
                                      download], api_name="generate")
         attach.click(comfy_runs, comfy_url, [summary, heatmap, step_plot, block_plot, comfy_list, comfy_run, download],

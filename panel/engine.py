@@ -22,7 +22,7 @@ from ..tinymodels.shapes import CLASSES
 MODELS = {"dit": "Tiny DiT (FORA)", "unet": "Tiny U-Net (DeepCache)"}
 # The panel's method controls (Request fields, app.CONTROLS) and the method settings they set: a
 # control drives the setting of that role ("interval", "branch") or, failing that, of its name.
-CONTROLS = ("interval", "branch", "delta", "start_percent")
+CONTROLS = ("interval", "branch", "delta", "start_percent", "reuse")
 MAX_ROUNDS = 5
 # A HarmoniCa router trained on the bundled DiT (scripts/train_router.py) for the panel's 25 steps.
 BUNDLED_ROUTER = WEIGHTS / "dit_router_harmonica_25.safetensors"
@@ -76,6 +76,8 @@ class Request:
     # Times both passes this many times (interleaved) so the speedup comes with its spread: on a
     # busy CPU one timing can land anywhere (the same FORA run measured 0.64x, then 1.36x).
     rounds: int = 1
+    # DeepCache / FORA: how reused features are produced (hold, forecast1, forecast2; core/reuse.py).
+    reuse: str = "hold"
 
     def settings(self) -> dict:
         """The chosen method's own settings, for summaries and the run's JSON."""

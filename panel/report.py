@@ -8,7 +8,8 @@ from pathlib import Path
 
 from . import engine
 
-SETTING_NAMES = {"interval": "interval", "branch": "branch", "delta": "delta", "start_percent": "start"}
+SETTING_NAMES = {"interval": "interval", "branch": "branch", "delta": "delta", "start_percent": "start",
+                 "reuse": "reuse"}
 FORMAT = "cachekit-panel-run/1"
 
 

@@ -28,8 +28,8 @@ OUTPUTS = {
 OUTPUT_NAMES = {"CacheKitAutotune": ["MODEL", "settings", "report"], "CacheKitStats": ["heatmap", "summary"],
                 "CheckpointLoaderSimple": ["MODEL", "CLIP", "VAE"]}
 
-DEEPCACHE = [3, 0, "uniform", 15, 1.4, 0.0, 1.0]          # interval, branch, schedule, center, power, start, end
-FORA = [3, 0.0, 1.0]                                      # interval, start, end
+DEEPCACHE = [3, 0, "uniform", 15, 1.4, 0.0, 1.0, "hold"]  # interval, branch, schedule, center, power, start, end, reuse
+FORA = [3, 0.0, 1.0, "hold"]                              # interval, start, end, reuse
 ADAPTIVE = [0.01, 4]                                      # delta, max_skip_steps
 
 
@@ -233,7 +233,7 @@ def fora_wan(name):
     pos = w.node("CLIPTextEncode", ["a red fox running through fresh snow, cinematic"], pos=(380, 0), clip=(clip, 0, "CLIP"))
     neg = w.node("CLIPTextEncode", [NEG], pos=(380, 200), clip=(clip, 0, "CLIP"))
     latent = w.node("EmptyHunyuanLatentVideo", [832, 480, 33, 1], pos=(380, 400))
-    fora = w.node("CacheKitFORA", [3, 0.1, 1.0], pos=(700, 100), model=(shifted, 0, "MODEL"))
+    fora = w.node("CacheKitFORA", [3, 0.1, 1.0, "hold"], pos=(700, 100), model=(shifted, 0, "MODEL"))
     ks = _sample_and_save(w, fora, pos, neg, latent, (vae, 0, "VAE"), sampler=(30, 6.0, "uni_pc", "simple"), video=True)
     _stats(w, fora, ks)
     w.note("FORA on Wan 2.x video. Self-attention, cross-attention and MLP outputs are reused between refreshes "

@@ -19,7 +19,7 @@ from cachekit.panel import charts, engine, pictures, report  # noqa: E402
 from cachekit.core.heatmap import block_heatmap, block_means, heatmap_image  # noqa: E402
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
-ARGS = ("unet", "DeepCache", 3, 0, "triangle", 5, 6, 3.0, 2, 0.05, 0.2, 1)
+ARGS = ("unet", "DeepCache", 3, 0, "triangle", 5, 6, 3.0, 2, 0.05, 0.2, 1, "hold")
 
 
 def _free_port() -> int:
@@ -66,7 +66,7 @@ def test_api_returns_the_images_hit_rates_and_json_of_a_direct_run(server):
         assert _png(picture).shape[0] >= 50
     # The download is the same record, as plain JSON, with per-step data.
     saved = json.loads(Path(download).read_text())
-    assert saved == record and saved["settings"] == {"interval": 3, "branch": 0}
+    assert saved == record and saved["settings"] == {"interval": 3, "branch": 0, "reuse": "hold"}
     assert saved["sampling"]["steps"] == 6 and len(saved["telemetry"]["step_hit_rates"]) == 6
     assert len(saved["timing"]["uncached_step_s"]) == len(saved["timing"]["cached_step_s"]) == 6
     assert Path(download).name == "cachekit_unet_DeepCache_6steps_seed5.json"
@@ -170,7 +170,7 @@ def test_step_ticks_are_round_numbers_spaced_for_their_labels():
 
 
 def test_only_the_chosen_methods_controls_are_shown_with_one_line_about_it():
-    expected = {"DeepCache": {"interval", "branch"}, "FORA": {"interval", "start_percent"},
+    expected = {"DeepCache": {"interval", "branch", "reuse"}, "FORA": {"interval", "start_percent", "reuse"},
                 "AdaptiveDiffusion": {"delta"}, "Router": set()}
     assert set(engine.SETTINGS) == set(expected) >= {m for ms in engine.METHODS.values() for m in ms}
     for method, wanted in expected.items():

@@ -114,10 +114,11 @@ def test_the_panel_lists_exactly_the_registered_methods_with_their_words():
         for kind in engine.MODELS:
             assert (spec.name in engine.METHODS[kind]) == spec.fits_model(kind)
     # The panel keeps the controls it always had.
-    assert dict(engine.SETTINGS) == {"DeepCache": ("interval", "branch"), "FORA": ("interval", "start_percent"),
+    assert dict(engine.SETTINGS) == {"DeepCache": ("interval", "branch", "reuse"),
+                                     "FORA": ("interval", "start_percent", "reuse"),
                                      "AdaptiveDiffusion": ("delta",), "Router": ()}
     assert engine.method_settings(engine.Request("unet", "DeepCache", interval=4, branch=1)) == \
-        {"cache_interval": 4, "cache_branch": 1}
+        {"cache_interval": 4, "cache_branch": 1, "reuse": "hold"}
 
 
 def test_the_bench_runs_every_registered_method():
@@ -151,10 +152,13 @@ def test_the_comfyui_nodes_are_generated_from_the_registry(comfy):  # noqa: F811
         assert spec.node is not None and spec.node.node_id in nodes.NODE_CLASS_MAPPINGS, spec.key
         if spec.key not in generated:
             continue
-        required = nodes.NODE_CLASS_MAPPINGS[spec.node.node_id].INPUT_TYPES()["required"]
-        assert list(required) == ["model", *(s.name for s in spec.settings)]
+        schema = nodes.NODE_CLASS_MAPPINGS[spec.node.node_id].INPUT_TYPES()
+        required, optional = schema["required"], schema.get("optional", {})
+        assert list(required) == ["model", *(s.name for s in spec.settings if not s.optional)]
+        # settings added after release are optional widgets, after the others (saved widget values line up)
+        assert [n for n in optional if n != "settings"] == [s.name for s in spec.settings if s.optional]
         for setting in spec.settings:
-            type_, options = required[setting.name]
+            type_, options = (optional if setting.optional else required)[setting.name]
             assert options["default"] == setting.default and options.get("tooltip") == setting.tooltip
     autotune_inputs = nodes.NODE_CLASS_MAPPINGS["CacheKitAutotune"].INPUT_TYPES()["required"]
     assert autotune_inputs["method"][1]["options"] == reg.tunable_keys()

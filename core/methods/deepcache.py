@@ -17,6 +17,10 @@ Steps outside the [start_percent, end_percent) window compute everything; the wi
 step is the schedule's step 0. Samplers with several model calls per step (heun, dpm_2) follow
 the step's decision on every call: on full steps each call computes and refreshes the cache,
 on cache steps each call reuses it.
+
+`reuse` (not in the paper): "hold" reuses the last full step's features as published;
+"forecast1" / "forecast2" extrapolate them from the last refreshes (TaylorSeer), keeping 2 or 3
+tensors per cached unit.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..reuse import STRATEGIES, strategy_from_name
 from ..units import UnitMap
 from .base import Plan, check_int, check_percent_range, full_plan
 
@@ -40,6 +45,7 @@ class DeepCacheConfig:
     power: float = 1.4
     start_percent: float = 0.0
     end_percent: float = 1.0
+    reuse: str = "hold"
 
     def __post_init__(self) -> None:
         check_int("cache_interval", self.cache_interval, 1, "Use 1 to disable caching, 3 is the default.")
@@ -50,6 +56,15 @@ class DeepCacheConfig:
         if not isinstance(self.power, (int, float)) or self.power <= 1.0:
             raise ValueError(f"power must be a number > 1.0, got {self.power!r} (the official default range is 1.2-1.6).")
         check_percent_range(self.start_percent, self.end_percent)
+        check_reuse(self.reuse)
+
+
+def check_reuse(reuse) -> None:
+    """How reused features are produced: 'hold' (the published methods) or 'forecast1'/'forecast2'
+    (TaylorSeer extrapolation from the last refreshes; core/reuse.py)."""
+    if reuse not in STRATEGIES:
+        raise ValueError(f"reuse must be one of {STRATEGIES}, got {reuse!r}: hold reuses the last computed value, "
+                         "forecast1 / forecast2 extrapolate it from the last refreshes (Taylor order 1 or 2).")
 
 
 def quad_center_steps(total: int, n_samples: int, center: int, power: float) -> list[int]:
@@ -117,6 +132,11 @@ def max_branch(units: UnitMap) -> int:
 class DeepCachePolicy:
     config: DeepCacheConfig
     name: str = "DeepCache"
+
+    @property
+    def reuse(self):
+        """The reuse strategy the session runs every unit with (core/reuse.py)."""
+        return strategy_from_name(self.config.reuse)
 
     def validate(self, units: UnitMap) -> None:
         top = max_branch(units)

@@ -9,13 +9,18 @@ refreshes are s = 0, 1, 4, 7, 10, 13, 16, 19 - the last step is always fresh.
 
 T is the number of steps in the [start_percent, end_percent) window; steps outside it compute
 everything. Samplers with several model calls per step follow the step's decision on each call.
+
+`reuse` (not in the paper): "hold" reuses the last refresh's outputs as published; "forecast1" /
+"forecast2" extrapolate them from the last refreshes (TaylorSeer), keeping 2 or 3 tensors per unit.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..reuse import strategy_from_name
 from ..units import UnitMap
 from .base import Plan, check_int, check_percent_range, full_plan
+from .deepcache import check_reuse
 
 
 @dataclass(frozen=True)
@@ -23,10 +28,12 @@ class ForaConfig:
     interval: int = 3
     start_percent: float = 0.0
     end_percent: float = 1.0
+    reuse: str = "hold"
 
     def __post_init__(self) -> None:
         check_int("interval", self.interval, 1, "Use 1 to disable caching, 3 is the default.")
         check_percent_range(self.start_percent, self.end_percent)
+        check_reuse(self.reuse)
 
 
 def refresh_steps(window_len: int, interval: int) -> set[int]:
@@ -39,6 +46,11 @@ def refresh_steps(window_len: int, interval: int) -> set[int]:
 class ForaPolicy:
     config: ForaConfig
     name: str = "FORA"
+
+    @property
+    def reuse(self):
+        """The reuse strategy the session runs every unit with (core/reuse.py)."""
+        return strategy_from_name(self.config.reuse)
 
     def plan(self, units: UnitMap, num_steps: int, window: range) -> Plan:
         plan = full_plan(units, num_steps)

@@ -35,6 +35,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
+from ..reuse import STRATEGIES
 from ..units import UnitMap
 from .adaptive import AdaptiveConfig, AdaptivePolicy
 from .deepcache import SCHEDULES, DeepCacheConfig, DeepCachePolicy, max_branch
@@ -62,6 +63,9 @@ class Setting:
     tooltip: str = ""
     role: str = ""
     label: str = ""            # short name in benchmark rows ("N"); the name when empty
+    # A setting added after release: hosts let callers omit it (ComfyUI: an optional input, so
+    # API-format prompts saved before it still validate) and the config's default fills it.
+    optional: bool = False
 
     def __post_init__(self) -> None:
         if self.type not in SETTING_TYPES:
@@ -315,6 +319,19 @@ def percent_settings(start_default: float = 0.0, end_default: float = 1.0) -> tu
     )
 
 
+def reuse_setting() -> Setting:
+    """How a unit method's reused features are produced (core/reuse.py). Declared last, so saved
+    workflows from before it still line up by position."""
+    return Setting("reuse", "combo", "hold", options=STRATEGIES, optional=True,
+                   tooltip="How reused features are produced: hold = last computed value (the published method); "
+                           "forecast1/2 = Taylor extrapolation from the last refreshes (TaylorSeer), order 1 or 2; "
+                           "keeps 2 or 3 tensors per cached unit.")
+
+
+# Forecast reuse is tried after hold at each candidate, from interval 3 on (at 2 a reused step is
+# one step from a refresh, where holding is already close), order 1 (2 tensors per unit) first.
+FORECASTS = ("forecast1", "forecast2")
+FORECAST_INTERVALS = (3, 4, 5, 6, 8)
 # Shallow branches are fastest; deeper ones keep more of the U-Net live (quality for speed).
 DEEPCACHE_BRANCHES = (0, 1, 2, 3, 4, 6, 8)
 INTERVALS = (2, 3, 4, 5, 6, 8)
@@ -325,13 +342,31 @@ def deepcache_branches(deepest: int) -> list[int]:
     return [b for b in DEEPCACHE_BRANCHES if b <= deepest]
 
 
+def _with_forecasts(hold: list[dict], forecast: list[dict]) -> list[list[dict]]:
+    """A hold ladder, then the same candidates (from FORECAST_INTERVALS) with each forecast order.
+    Every candidate names its reuse, so tuned settings never inherit a node's widget."""
+    return [[{**c, "reuse": "hold"} for c in hold]] + [[{**c, "reuse": r} for c in forecast] for r in FORECASTS]
+
+
 def _deepcache_ladder(units: UnitMap | None) -> list[list[dict]]:
+    """Per branch, shallowest (fastest) first: hold; for the two shallowest branches (where reuse
+    costs the most quality) also forecast1 and forecast2."""
     branches = deepcache_branches(max_branch(units)) if units is not None else (0, 1, 2)
-    return [[{"cache_interval": n, "cache_branch": b} for n in INTERVALS] for b in branches]
+    ladders = []
+    for i, b in enumerate(branches):
+        hold = [{"cache_interval": n, "cache_branch": b} for n in INTERVALS]
+        if i < 2:
+            ladders += _with_forecasts(hold, [{"cache_interval": n, "cache_branch": b} for n in FORECAST_INTERVALS])
+        else:
+            ladders.append([{**c, "reuse": "hold"} for c in hold])
+    return ladders
 
 
 def _fora_ladder(units: UnitMap | None) -> list[list[dict]]:
-    return [[{"interval": n, "start_percent": s} for n in INTERVALS] for s in (0.0, 0.2)]
+    """From step 0 (fastest): hold, forecast1, forecast2; then hold from 20 % of the steps."""
+    first = _with_forecasts([{"interval": n, "start_percent": 0.0} for n in INTERVALS],
+                            [{"interval": n, "start_percent": 0.0} for n in FORECAST_INTERVALS])
+    return first + [[{"interval": n, "start_percent": 0.2, "reuse": "hold"} for n in INTERVALS]]
 
 
 def _adaptive_ladder(units: UnitMap | None) -> list[list[dict]]:
@@ -356,8 +391,9 @@ register(MethodSpec(
         Setting("power", "float", 1.4, 1.01, 3.0, 0.01,
                 tooltip="non-uniform only: how strongly full steps gather around center."),
         *percent_settings(),
+        reuse_setting(),
     ),
-    main_settings=("cache_interval", "cache_branch"),
+    main_settings=("cache_interval", "cache_branch", "reuse"),
     off={"cache_interval": 1, "cache_branch": 0},
     ladder=_deepcache_ladder,
     bench=tuple({"cache_interval": n, "cache_branch": b} for n in (2, 3, 5) for b in (0, 1)),
@@ -376,8 +412,9 @@ register(MethodSpec(
         Setting("interval", "int", 3, 1, 100, role="interval", label="N",
                 tooltip="Refresh every N steps (the first and last steps are always computed). 1 disables caching."),
         *percent_settings(),
+        reuse_setting(),
     ),
-    main_settings=("interval", "start_percent"),
+    main_settings=("interval", "start_percent", "reuse"),
     off={"interval": 1, "start_percent": 0.0},
     ladder=_fora_ladder,
     bench=tuple({"interval": n} for n in (2, 3, 4, 5)),
