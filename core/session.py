@@ -116,6 +116,7 @@ def _scale_batch(specs: Tree, multiply: int, divide: int) -> Tree:
 class CacheSession:
     def __init__(self, owner: str, units: UnitMap, policy: Policy, clock: StepClock, window: range, *,
                  unit_timer: Callable[[int, float], None] | None = None):
+        """unit_timer(index, seconds): called after each computed unit (scripts/benchmark.py)."""
         self.owner = owner
         self.units = units
         self.policy = policy
@@ -131,14 +132,20 @@ class CacheSession:
             self._keep = [True] * n
             self._keep_region = [False] * len(units.regions)
             self._placeholder = [False] * n
+            self._region_rows = self._needed_rows = None
         else:
             self.plan = policy.plan(units, clock.num_steps, window)
-            self._keep, self._placeholder, self._keep_region = _storage_needs(units, self.plan)
-        self._region_rows = self._plan_region_rows() if self.plan is not None else None
+            self._region_rows = [[all(row[m] for m in region.members) for region in units.regions]
+                                 for row in self.plan]
+            self._needed_rows = _needed_rows(units, self.plan)
+            self._keep, self._placeholder, self._keep_region = _storage_needs(
+                units, self.plan, self._needed_rows, self._region_rows)
         # A unit-level plan that never reuses (interval 1, an empty window): the session stays out
-        # of the units' way entirely and counts every unit as computed once per call.
-        self._inert = self.level == "unit" and self.plan is not None and not any(map(any, self.plan))
-        self._needed_rows = self._plan_needed_rows() if self.plan is not None and units.readers is not None else None
+        # of the units' way entirely and counts every unit as computed once per call (unless
+        # each unit is to be timed).
+        self._unit_timer = unit_timer
+        self._inert = (self.level == "unit" and self.plan is not None and not any(map(any, self.plan))
+                       and unit_timer is None)
         self._stores = [StreamStore() if keep else None for keep in self._keep]
         self._region_stores = [StreamStore() if keep else None for keep in self._keep_region]
         self._specs: list[_Spec | None] = [None] * n
@@ -153,15 +160,7 @@ class CacheSession:
             num_steps=clock.num_steps)
         if self.level == "call":      # the unit is the whole call: its share of the work is 1
             self.telemetry.unit_flops, self.telemetry.call_flops = [1.0], 1.0
-        self._unit_timer = unit_timer
         self.closed = False
-
-    def _plan_needed_rows(self) -> list[list[bool]]:
-        readers = self.units.readers
-        return [[row[u] and any(not row[r] for r in readers[u]) for u in range(len(row))] for row in self.plan]
-
-    def _plan_region_rows(self) -> list[list[bool]]:
-        return [[all(row[m] for m in region.members) for region in self.units.regions] for row in self.plan]
 
     # -- one model call --
     def model_call(self, run: Callable[[], Any], *, sigma: float | None, layout: CallLayout, samples: int,
@@ -196,7 +195,7 @@ class CacheSession:
         else:
             row, region_row = [False] * len(self.units), [False] * len(self.units.regions)
         signature = input_signature(call_input, layout) if call_input is not None else None
-        needed = self._needed_rows[step] if self._needed_rows is not None else None
+        needed = self._needed_rows[step] if self._needed_rows is not None else None   # None: online
         call = ActiveCall(self, step, layout, signature, row, region_row, samples, needed, protect)
         token = _ACTIVE.set({**_ACTIVE.get(), self.owner: call})
         started = time.perf_counter()
@@ -371,7 +370,17 @@ class CacheSession:
         return self.telemetry
 
 
-def _storage_needs(units: UnitMap, plan: list[list[bool]]) -> tuple[list[bool], list[bool], list[bool]]:
+def _needed_rows(units: UnitMap, plan: list[list[bool]]) -> list[list[bool]]:
+    """[step][unit]: reused there and read by a unit computed there. Without readers every
+    reused unit counts as read."""
+    readers = units.readers
+    if readers is None:
+        return plan
+    return [[row[u] and any(not row[r] for r in readers[u]) for u in range(len(row))] for row in plan]
+
+
+def _storage_needs(units: UnitMap, plan: list[list[bool]], needed_rows: list[list[bool]],
+                   region_rows: list[list[bool]]) -> tuple[list[bool], list[bool], list[bool]]:
     """(store unit?, placeholder unit?, store region?) from the plan and who reads what.
 
     A unit is stored when on some step it is reused (outside a skipped region) and a computed
@@ -382,21 +391,17 @@ def _storage_needs(units: UnitMap, plan: list[list[bool]]) -> tuple[list[bool], 
     keep, placeholder = [False] * n, [False] * n
     keep_region = [False] * len(units.regions)
     readers = units.readers
-    region_of: dict[int, int] = {}
-    for r, region in enumerate(units.regions):
-        for m in region.members:
-            region_of[m] = r
-    for row in plan:
-        skipped = {r for r, region in enumerate(units.regions) if all(row[m] for m in region.members)}
+    region_of = {m: r for r, region in enumerate(units.regions) for m in region.members}
+    for row, needed, skipped in zip(plan, needed_rows, region_rows):
         for u in range(n):
             if not row[u]:
                 continue
-            if region_of.get(u) in skipped:
-                region = units.regions[region_of[u]]
-                if readers is None or any(not row[r] and r not in region.members for r in readers[u]):
-                    keep_region[region_of[u]] = True
-                continue
-            if readers is None or any(not row[r] for r in readers[u]):
+            r = region_of.get(u)
+            if r is not None and skipped[r]:
+                members = units.regions[r].members
+                if readers is None or any(not row[v] and v not in members for v in readers[u]):
+                    keep_region[r] = True
+            elif needed[u]:
                 keep[u] = True
             else:
                 placeholder[u] = True

@@ -42,9 +42,6 @@ class RunTelemetry:
             self.step_seconds = [0.0] * self.num_steps
 
     # -- recording (hot path: keep it to list indexing) --
-    def record(self, step: int, unit: int, samples: int, reused: bool) -> None:
-        (self.reused if reused else self.computed)[step][unit] += samples
-
     def add_time(self, step: int, seconds: float) -> None:
         self.step_seconds[step] += seconds
 

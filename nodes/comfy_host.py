@@ -22,6 +22,7 @@ import uuid
 from typing import Any, Callable
 
 import comfy.patcher_extension
+import torch
 from comfy.ldm.modules.diffusionmodules.openaimodel import forward_timestep_embed
 from comfy.ldm.modules.attention import SpatialTransformer
 from comfy.patcher_extension import WrappersMP
@@ -158,7 +159,6 @@ def _prepare_profile(session: CacheSession, base_model, args: tuple, kwargs: dic
         fake_args = list(fake_args) + [None] * (_CONTROL_ARG + 1 - len(fake_args))
         fake_args[_CONTROL_ARG] = None
         fake_kwargs.pop("control", None)
-        import torch
         with torch.no_grad():
             base_model._apply_model(*fake_args[:_CONTROL_ARG + 1], transformer_options=dict(replay_options),
                                     **fake_kwargs)
