@@ -2,7 +2,7 @@
 
 ComfyUI loads this folder as a custom node pack (V3 entry point below). The same engine is
 usable on diffusers models: `apply_deepcache`, `apply_fora`, `apply_adaptive_skip`,
-`apply_router`, `autotune_diffusers`, `remove_cache`.
+`apply_change_cache`, `apply_router`, `apply` (any method by key), `autotune_diffusers`, `remove_cache`.
 Only relative imports here: ComfyUI has top-level modules named `nodes`, and this pack must
 never shadow them.
 """
@@ -12,8 +12,8 @@ __version__ = "0.1.0"
 # pytest imports a checkout's root __init__.py as a plain module when the folder name is not
 # an identifier (e.g. "ComfyUI-CacheKit"); relative imports only work inside a package.
 if __package__:
-    from .diffusers_host import (CacheHandle, StepSkipHandle, apply_adaptive_skip, apply_deepcache, apply_fora,
-                       apply_router, autotune_diffusers, remove_cache)
+    from .diffusers_host import (CacheHandle, StepSkipHandle, apply, apply_adaptive_skip, apply_change_cache,
+                                 apply_deepcache, apply_fora, apply_router, autotune_diffusers, remove_cache)
 
 
 async def comfy_entrypoint():
@@ -21,5 +21,6 @@ async def comfy_entrypoint():
     return CacheKitExtension()
 
 
-__all__ = ["CacheHandle", "StepSkipHandle", "apply_deepcache", "apply_fora", "apply_adaptive_skip", "apply_router",
-           "remove_cache", "autotune_diffusers", "comfy_entrypoint", "WEB_DIRECTORY"]
+__all__ = ["CacheHandle", "StepSkipHandle", "apply", "apply_change_cache", "apply_deepcache", "apply_fora",
+           "apply_adaptive_skip", "apply_router", "remove_cache", "autotune_diffusers", "comfy_entrypoint",
+           "WEB_DIRECTORY"]

@@ -1,6 +1,7 @@
 """Train a learned router (HarmoniCa SDT + IEP, or the L2C objective) on CPU or GPUs.
 
     python scripts/train_router.py --model dit --method harmonica --steps 20 --minutes 10 --out routers/tiny_dit.safetensors
+    python scripts/train_router.py --model dit --reuse forecast1 ...    # a router for forecast reuse
     torchrun --nproc_per_node 2 scripts/train_router.py --model dit ...     # several processes (gloo on CPU)
 
 --model dit trains for the bundled tiny DiT (DDIM, CFG 3); --pipeline DIR for a diffusers
@@ -8,6 +9,8 @@ DiTPipeline saved on disk (its scheduler, CFG 4). In ComfyUI, the Train Router n
 PixArt, Wan, SD3, Flux and Chroma. A checkpoint next to the
 output (.ckpt.pt) lets --resume continue. Output: CacheKit's router format.
 --quick: a small router in minutes on 2 CPU cores (fewer iterations, smaller batches).
+--reuse: the reuse strategy the router is trained for and records (hold, or forecast1/2:
+TaylorSeer extrapolation from each sub-layer's last refreshes); applying it runs that reuse.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import os
 import torch
 from tqdm import tqdm
 
+from ..core.reuse import STRATEGIES
 from ..core.routers import save_router
 from ..core.routers.train import TrainConfig
 from ..diffusers_host.train import train_router
@@ -93,6 +97,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--l1", type=float_in(0), default=1e-4)
     parser.add_argument("--threshold", type=float_in(0, 1, low_open=True, high_open=True), default=0.5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--reuse", choices=STRATEGIES, default="hold",
+                        help="how reused sub-layer outputs are produced, in training and when the router is applied: "
+                             "hold = last computed value (published); forecast1/2 = Taylor extrapolation from the "
+                             "last refreshes (TaylorSeer)")
     parser.add_argument("--out", type=output_file(".safetensors"), required=True)
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args(argv)
@@ -107,7 +115,7 @@ def main(argv=None):
     torch.set_num_threads(1 if dist is not None else max(1, torch.get_num_threads()))
     model, scheduler, make_batch, call = dit_pipeline(args.pipeline) if args.pipeline else bundled_dit()
     config = TrainConfig(args.method, args.steps, args.iterations, args.batch, args.lr, args.l1, args.threshold,
-                         seed=args.seed, minutes=args.minutes)
+                         seed=args.seed, minutes=args.minutes, reuse=args.reuse)
     bar = None          # made at the first iteration: an error before it prints no bar
 
     def progress(done, total, loss):
@@ -126,7 +134,7 @@ def main(argv=None):
         save_router(router, args.out)
         recompute = router.recompute().float().mean().item()
         print(f"{args.out}: {router.method} router, {router.num_steps} steps x {router.num_units} sub-layers, "
-              f"recomputes {recompute:.0%} of routed sub-layers"
+              f"recomputes {recompute:.0%} of routed sub-layers, reuse {router.reuse}"
               + (f", {dist.get_world_size()} processes" if dist is not None else ""))
     if dist is not None:
         dist.barrier()

@@ -12,6 +12,9 @@ outputs in place. Decisions are executed in exactly two places:
 
 Policies only decide: static ones plan every step up front (`plan`), online ones decide per step
 from a probe (`decide`), and every online probe passes the agreement point (core/agreement.py).
+An online call-level policy probes the latent the step starts from (in `run_call`); an online
+unit-level policy probes the value of its probe unit, the first unit of the call, and a step
+that reuses then reuses the policy's fixed `skip_row` for the rest of the call (`_probe_decide`).
 How a stored value becomes an output is a reuse strategy (core/reuse.py).
 
 Only what a later computed unit reads is stored: with the unit map's readers, a unit reused on a
@@ -126,13 +129,26 @@ class CacheSession:
         self.level = getattr(policy, "level", "unit")
         self.reuse = getattr(policy, "reuse", HOLD)
         n = len(units)
+        # Online unit-level policies (change-driven caching) reuse one fixed set of units on the
+        # steps they decide to reuse: (reuse row, region row, needed row) of such a step.
+        self._skip_rows: tuple[list[bool], list[bool], list[bool]] | None = None
+        self._probe_index = -1
+        self._probe_refs: dict[Hashable, torch.Tensor] = {}    # per stream layout: probe at the last full step
         if self.online:
             self.plan = None
             self._state = policy.start(units, clock.num_steps, window)
-            self._keep = [True] * n
-            self._keep_region = [False] * len(units.regions)
-            self._placeholder = [False] * n
             self._region_rows = self._needed_rows = None
+            if self.level == "unit":
+                skip = policy.skip_row(units)
+                regions = [all(skip[m] for m in region.members) for region in units.regions]
+                needed = _needed_rows(units, [skip])[0]
+                self._keep, self._placeholder, self._keep_region = _storage_needs(units, [skip], [needed], [regions])
+                self._skip_rows = (skip, regions, needed)
+                self._probe_index = policy.probe_unit(units)
+            else:
+                self._keep = [True] * n
+                self._keep_region = [False] * len(units.regions)
+                self._placeholder = [False] * n
         else:
             self.plan = policy.plan(units, clock.num_steps, window)
             self._region_rows = [[all(row[m] for m in region.members) for region in units.regions]
@@ -151,7 +167,8 @@ class CacheSession:
         self._specs: list[_Spec | None] = [None] * n
         self._region_specs: list[_Spec | None] = [None] * len(units.regions)
         self._residual = [unit.mode is StoreMode.RESIDUAL for unit in units.units]
-        self._decided_step: int | None = None
+        self._compute_rows = ([False] * n, [False] * len(units.regions))
+        self._decided_step: int | None = None     # online: the step decided last, and its decision
         self._call_compute = True
         self._call_store: dict[Hashable, Any] = {}
         self.telemetry = RunTelemetry(
@@ -190,12 +207,14 @@ class CacheSession:
                     computed[u] += samples
             self._count_call(step, samples, started)
             return
+        needed = None       # None: every reused unit counts as read
         if self.plan is not None:
-            row, region_row = self.plan[step], self._region_rows[step]
+            row, region_row, needed = self.plan[step], self._region_rows[step], self._needed_rows[step]
+        elif self._skip_rows is not None and step == self._decided_step and not self._call_compute:
+            row, region_row, needed = self._skip_rows      # a later call of a step that reuses
         else:
-            row, region_row = [False] * len(self.units), [False] * len(self.units.regions)
+            row, region_row = self._compute_rows
         signature = input_signature(call_input, layout) if call_input is not None else None
-        needed = self._needed_rows[step] if self._needed_rows is not None else None   # None: online
         call = ActiveCall(self, step, layout, signature, row, region_row, samples, needed, protect)
         token = _ACTIVE.set({**_ACTIVE.get(), self.owner: call})
         started = time.perf_counter()
@@ -239,7 +258,33 @@ class CacheSession:
                 self._put(store, call, value)
             if self._placeholder[index]:
                 self._specs[index] = _Spec.of(out, call)
+        if index == self._probe_index:
+            self._probe_decide(call, out, unit_input)
         return out
+
+    @torch.compiler.disable
+    def _probe_decide(self, call: ActiveCall, out: Tree, unit_input: Tree) -> None:
+        """Online unit-level policies: the step's first call decides from the probe unit's value
+        (residual or output) against its value at the last full step; a reusing decision takes
+        effect for the rest of this call and every later call of the step."""
+        value = residual_of(out, unit_input) if self._residual[self._probe_index] else out
+        probe = _first_tensor(value).detach()
+        key = (call.layout, call.signature)
+        if call.step != self._decided_step:
+            self._decided_step = call.step
+            measured = self.policy.measure(self._state, call.step, (probe, self._probe_refs.get(key)))
+            agreed = agree(measured) if measured is not None else None
+            self._call_compute = self.policy.decide(self._state, call.step, agreed)
+            self._note_probe(call.step, agreed)
+            if not self._call_compute:
+                call.reuse_row, call.region_row, call.needed_row = self._skip_rows
+        if self._call_compute:
+            self._probe_refs[key] = probe.clone() if call.protect else probe
+
+    def _note_probe(self, step: int, agreed: Any) -> None:
+        score = getattr(self.policy, "score", None)
+        value = score(self._state, step) if score is not None else (float(agreed) if agreed is not None else None)
+        self.telemetry.note_probe(step, value, getattr(self.policy, "probe_label", ""))
 
     def _reused_value(self, call: ActiveCall, index: int, unit_input: Tree) -> Tree | None:
         store = self._stores[index]
@@ -333,7 +378,9 @@ class CacheSession:
             return not self.plan[step][0]
         measured = self.policy.measure(self._state, step, probe)
         agreed = agree(measured) if measured is not None else None
-        return self.policy.decide(self._state, step, agreed)
+        compute = self.policy.decide(self._state, step, agreed)
+        self._note_probe(step, agreed)
+        return compute
 
     # -- FLOP profile (never inside a timed sampling: hosts call this after the run) --
     @contextlib.contextmanager
@@ -355,6 +402,7 @@ class CacheSession:
         total = sum(s.nbytes(seen) for s in self._stores if s is not None)
         total += sum(s.nbytes(seen) for s in self._region_stores if s is not None)
         total += sum(tree_bytes(v, seen) for v in self._call_store.values())
+        total += sum(tree_bytes(v, seen) for v in self._probe_refs.values())
         return total
 
     def close(self) -> RunTelemetry:
@@ -364,10 +412,18 @@ class CacheSession:
             if store is not None:
                 store.clear()
         self._call_store.clear()
+        self._probe_refs.clear()
         self._specs = [None] * len(self._specs)
         self._region_specs = [None] * len(self._region_specs)
         self.telemetry.finish()
         return self.telemetry
+
+
+def _first_tensor(value: Tree) -> torch.Tensor:
+    """The main tensor of a unit's value (hidden states first in every block output we map)."""
+    while not isinstance(value, torch.Tensor):
+        value = value[0] if isinstance(value, (tuple, list)) else next(iter(value.values()))
+    return value
 
 
 def _needed_rows(units: UnitMap, plan: list[list[bool]]) -> list[list[bool]]:

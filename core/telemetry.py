@@ -27,6 +27,10 @@ class RunTelemetry:
     model_call_samples: int = 0
     step_seconds: list[float] = field(default_factory=list)   # [step] wall time inside model calls
     cache_bytes: int = 0                     # peak bytes held in the run's stores
+    # Online policies: [step] the value each decision compared with its threshold (None: no
+    # decision or nothing to compare), and what that value is.
+    probe_values: list[float | None] = field(default_factory=list)
+    probe_label: str = ""
     # Measures (unit_flops, call_flops) when first asked for, after the run: FLOP profiling
     # never runs inside the sampling a user times. Set by the host; None when unknown.
     flop_source: Any = field(default=None, repr=False, compare=False)
@@ -40,6 +44,8 @@ class RunTelemetry:
             self.reused = [[0] * n for _ in range(self.num_steps)]
         if not self.step_seconds:
             self.step_seconds = [0.0] * self.num_steps
+        if not self.probe_values:
+            self.probe_values = [None] * self.num_steps
 
     # -- recording (hot path: keep it to list indexing) --
     def add_time(self, step: int, seconds: float) -> None:
@@ -49,6 +55,11 @@ class RunTelemetry:
         """The whole model call was reused at this step (no unit ran)."""
         if step not in self.skipped_steps:
             self.skipped_steps.append(step)
+
+    def note_probe(self, step: int, value: float | None, label: str = "") -> None:
+        self.probe_values[step] = value
+        if label:
+            self.probe_label = label
 
     def note_cache_bytes(self, nbytes: int) -> None:
         if nbytes > self.cache_bytes:
@@ -137,6 +148,8 @@ class RunTelemetry:
             "skipped_steps": list(self.skipped_steps),
             "model_calls": self.model_calls,
             "cache_bytes": self.cache_bytes,
+            "probe_values": list(self.probe_values),
+            "probe_label": self.probe_label,
             "wall_time_s": self.wall_time_s,
         }
 

@@ -6,7 +6,8 @@ its model (timesteps from the scheduler, forward hooks); core/ only knows units 
 """
 from .api import CacheHandle, apply_deepcache, apply_fora, apply_router, remove_cache
 from .autotune import autotune_diffusers
+from .registry import apply, apply_change_cache
 from .step_skip import StepSkipHandle, apply_adaptive_skip
 
-__all__ = ["CacheHandle", "StepSkipHandle", "apply_deepcache", "apply_fora", "apply_adaptive_skip", "apply_router",
-           "remove_cache", "autotune_diffusers"]
+__all__ = ["CacheHandle", "StepSkipHandle", "apply", "apply_change_cache", "apply_deepcache", "apply_fora",
+           "apply_adaptive_skip", "apply_router", "remove_cache", "autotune_diffusers"]

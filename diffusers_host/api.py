@@ -292,13 +292,21 @@ def apply_fora(target: Any, *, interval: int = 3, start_percent: float = 0.0, en
 
 
 def apply_router(target: Any, router: Any, *, threshold: float | None = None, scheduler: Any = None,
-                 num_inference_steps: int | None = None) -> CacheHandle:
+                 num_inference_steps: int | None = None, reuse: str | None = None) -> CacheHandle:
     """A learned L2C / HarmoniCa router (our .safetensors, an official L2C .pt, or a Router) on a
     diffusers DiT or PixArt transformer. Depth and layout are checked now, the step count when
-    sampling starts."""
+    sampling starts.
+
+    reuse: how a reused sub-layer output is produced (core/reuse.py): "hold" (the last computed
+    value, as published) or "forecast1"/"forecast2" (Taylor extrapolation from that sub-layer's
+    last refreshes). None (default): the router's own, the reuse it was trained for (hold for
+    official and older routers)."""
+    from ..core.methods.deepcache import check_reuse
     from ..core.methods.router import RouterPolicy, check_threshold, not_a_dit
     from ..core.routers import Router, load_any
     check_threshold(threshold)
+    if reuse is not None:
+        check_reuse(reuse)
     model, scheduler = _resolve(target, scheduler)
     if type(model).__name__ not in DIT_LAYOUTS:
         raise not_a_dit(type(model).__name__, "diffusers " + ", ".join(sorted(DIT_LAYOUTS)), is_unet(model),
@@ -306,7 +314,7 @@ def apply_router(target: Any, router: Any, *, threshold: float | None = None, sc
     _check_free(model)
     if not isinstance(router, Router):
         router = load_any(router)
-    policy = RouterPolicy(router, threshold)
+    policy = RouterPolicy(router, threshold, reuse)
     units, slots = dit_units(model)
     policy.check_units(units)
     if scheduler is None and num_inference_steps is not None:

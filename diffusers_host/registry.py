@@ -5,8 +5,9 @@
 A method whose declaration names a public function of this host (`hosts["diffusers"]`, e.g.
 "apply_deepcache") goes through that function, so its checks and messages are the public API's.
 Any other method is applied from its declaration alone: a unit-level method caches the units
-of a U-Net (fits "unet") or a DiT (fits "dit") with its policy; a call-level method runs its
-policy on the whole model call, as adaptive step skipping does.
+of a U-Net (fits "unet") or a DiT (fits "dit"), or of whichever the model is (fits "any"), with
+its policy; a call-level method runs its policy on the whole model call, as adaptive step
+skipping does.
 """
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ def model_units(model: torch.nn.Module, fits: str) -> UnitMap | None:
         return unet_units(model)[0]
     if fits == "dit":
         return dit_units(model)[0]
-    return None
+    return None     # "any": the model decides (apply_generic)
 
 
 def check_kind(spec: MethodSpec, model: torch.nn.Module, alternatives: str = "") -> None:
@@ -81,14 +82,25 @@ def apply_generic(spec: MethodSpec, target: Any, settings: dict, scheduler: Any 
         if getattr(model, STEP_SKIP_ATTR, None) is not None:
             raise ValueError("This model already has a whole-step method applied; call remove() on its handle first.")
         return StepSkipHandle(model, None, scheduler, num_inference_steps, policy=policy)
-    if spec.fits == "any":
-        raise ValueError(f"{spec.name}: a unit-level method must fit 'unet' or 'dit' (it says which units it caches).")
     check_kind(spec, model)
     _check_free(model)
-    if spec.fits == "unet":
+    if spec.fits == "unet" or (spec.fits == "any" and is_unet(model)):
         units, slots, region_slots = unet_units(model)
     else:
         (units, slots), region_slots = dit_units(model), None
     spec.check_units(policy, units)
     start, end = spec.window(config)
     return CacheHandle(model, units, slots, policy, start, end, scheduler, num_inference_steps, region_slots)
+
+
+def apply_change_cache(target: Any, *, threshold: float = 0.1, warmup_steps: int = 2, max_reuse: int = 3,
+                       cache_branch: int = 0, start_percent: float = 0.0, end_percent: float = 1.0,
+                       reuse: str = "hold", scheduler: Any = None, num_inference_steps: int | None = None):
+    """Change-driven caching (core/methods/change.py) on a diffusers U-Net or DiT, or a pipeline.
+
+    Each step runs the first unit; while its relative change since the last full step stays
+    below `threshold`, the other blocks (a U-Net's deep part below `cache_branch`) are reused.
+    Returns the handle (`finish_run()`, `remove()`)."""
+    return apply(target, "change", scheduler=scheduler, num_inference_steps=num_inference_steps,
+                 threshold=threshold, warmup_steps=warmup_steps, max_reuse=max_reuse, cache_branch=cache_branch,
+                 start_percent=start_percent, end_percent=end_percent, reuse=reuse)

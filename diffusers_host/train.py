@@ -33,6 +33,9 @@ def train_router(model: torch.nn.Module, scheduler: Any, make_batch: Callable[[t
     noise prediction used by the sampler (CFG included), as the sampling code computes it.
     `distributed`: a torch.distributed module already initialised; gradients are averaged over
     its processes (each draws its own batches).
+    `config.reuse` ("hold", "forecast1", "forecast2"): the reuse strategy the router is trained
+    for: during training a gate blends with what that strategy would reuse (core/routers/train.py
+    says which steps refresh a unit); the router records it and apply_router runs it by default.
     """
     units, slots = dit_units(model)
     sampler = diffusers_sampler(model, scheduler, config.num_steps, make_batch, call)

@@ -38,9 +38,14 @@ def _class_names(model: torch.nn.Module) -> set[str]:
     return {cls.__name__ for cls in type(model).__mro__}
 
 
+def is_unet_model(model: torch.nn.Module) -> bool:
+    """ComfyUI's UNetModel (SD1.x, SD2.x, SDXL and relatives)."""
+    return "UNetModel" in _class_names(model) and hasattr(model, "input_blocks")
+
+
 def unet_layout(model: torch.nn.Module) -> ComfyLayout:
     """DeepCache units of ComfyUI's UNetModel (SD1.x, SD2.x, SDXL and relatives)."""
-    if "UNetModel" not in _class_names(model) or not hasattr(model, "input_blocks"):
+    if not is_unet_model(model):
         raise ValueError(
             f"CacheKit DeepCache needs a U-Net model (SD1.x, SD2.x, SDXL); this model is "
             f"{type(model).__name__}. For DiT models (SD3, Flux, PixArt, Wan) use CacheKit FORA.")

@@ -13,7 +13,7 @@ from ..core.methods import registry
 from ..core.methods.registry import MethodSpec, Setting
 from .comfy_host import diffusion_model_of, install
 from .comfy_step_skip import install_step_skip
-from .comfy_units import FORA_FAMILIES_TEXT, ComfyLayout, dit_layout, unet_layout
+from .comfy_units import FORA_FAMILIES_TEXT, ComfyLayout, dit_layout, is_unet_model, unet_layout
 
 CATEGORY = "CacheKit"
 # Settings chosen by the Autotune node: {"method": ..., "settings": {...}}; wired into a method
@@ -30,7 +30,13 @@ def method_layout(spec: MethodSpec, model) -> ComfyLayout:
         return unet_layout(diffusion_model)
     if spec.fits == "dit":
         return dit_layout(diffusion_model)
-    raise ValueError(f"{spec.name}: a unit-level method must fit 'unet' or 'dit' (it says which units it caches).")
+    if is_unet_model(diffusion_model):      # fits "any": whichever the model is
+        return unet_layout(diffusion_model)
+    try:
+        return dit_layout(diffusion_model)
+    except ValueError:
+        raise ValueError(f"{spec.name} does not support {type(diffusion_model).__name__}. It works on SD1.x / SD2.x / "
+                         f"SDXL U-Nets and on these DiT families: {FORA_FAMILIES_TEXT}.") from None
 
 
 def apply_method(method: str, model, settings: dict, node_id: str | None = None):

@@ -1,4 +1,8 @@
-"""Learned Router (CacheKit): apply an L2C / HarmoniCa router file from models/cachekit_routers/."""
+"""Learned Router (CacheKit): apply an L2C / HarmoniCa router file from models/cachekit_routers/.
+
+Its `reuse` input (optional and last, so workflows saved before it stay valid) defaults to
+"as trained": the reuse strategy the router records (hold for official and older routers), since
+its decisions were learned against it; hold / forecast1 / forecast2 override it."""
 from __future__ import annotations
 
 import os
@@ -6,7 +10,9 @@ import os
 import folder_paths
 from comfy_api.latest import io
 
+from ..core.methods.registry import reuse_setting
 from ..core.methods.router import RouterPolicy, check_threshold, not_a_dit
+from ..core.reuse import STRATEGIES
 from ..core.routers import load_any
 from .comfy_host import diffusion_model_of, install
 from .comfy_units import FORA_FAMILIES_TEXT, ComfyLayout, dit_layout, unet_layout
@@ -14,6 +20,9 @@ from .method_nodes import CATEGORY, PATCH_NODE, _node_id
 
 FOLDER = "cachekit_routers"
 EXTENSIONS = {".safetensors", ".pt", ".pth"}
+AS_TRAINED = "as trained"          # the reuse the router records (Router.reuse)
+REUSE_TOOLTIP = (f"{reuse_setting().tooltip} {AS_TRAINED} = the reuse the router was trained for (hold for "
+                 "official and older routers).")
 
 
 def register_folder() -> None:
@@ -68,16 +77,18 @@ class CacheKitRouter(io.ComfyNode):
                 io.Float.Input("threshold", default=0.0, min=0.0, max=0.99, step=0.01,
                                tooltip="Recompute where sigmoid(logit) > threshold. 0 uses the router's own threshold; "
                                        "higher reuses more."),
+                io.Combo.Input("reuse", options=[AS_TRAINED, *STRATEGIES], default=AS_TRAINED, optional=True,
+                               tooltip=REUSE_TOOLTIP),
             ],
             outputs=[io.Model.Output(tooltip="The model with the learned router.")],
             **PATCH_NODE,
         )
 
     @classmethod
-    def execute(cls, model, router_name, threshold) -> io.NodeOutput:
+    def execute(cls, model, router_name, threshold, reuse=AS_TRAINED) -> io.NodeOutput:
         check_threshold(threshold)                # ComfyUI's min/max check lets NaN through
         router = load_router_file(router_name)
-        policy = RouterPolicy(router, threshold if threshold > 0 else None)
+        policy = RouterPolicy(router, threshold if threshold > 0 else None, None if reuse == AS_TRAINED else reuse)
         layout = router_layout(model)
         policy.check_units(layout.units)          # depth / layout now; the step count when sampling starts
         return io.NodeOutput(install(model, layout, policy, 0.0, 1.0, _node_id(cls)))

@@ -5,6 +5,8 @@ conditioning, CFG and model loading are ComfyUI's. Gradients only reach the rout
 but they flow through the model: the model is trained on a copy of its diffusion model made
 outside inference mode (ComfyUI executes nodes in inference mode, whose tensors autograd
 cannot use), attached to a clone of the MODEL by an object patch; the copy is dropped after.
+`reuse` (optional, last): the reuse strategy the router is trained for; the router records it
+and the Learned Router node runs it by default (core/routers/train.py).
 """
 from __future__ import annotations
 
@@ -19,7 +21,9 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
+from ..core.methods.registry import reuse_setting
 from ..core.methods.router import RouterPolicy
+from ..core.reuse import STRATEGIES
 from ..core.routers import save_router
 from ..core.routers.train import Sampler, TrainConfig, load_checkpoint, train_units
 from .comfy_host import diffusion_model_of, install
@@ -103,6 +107,8 @@ class CacheKitTrainRouter(io.ComfyNode):
                 io.Boolean.Input("resume", default=False, optional=True,
                                  tooltip="Continue from this router's checkpoint (<router_name>.ckpt.pt, written every "
                                          "20 iterations and at the end) up to `iterations` in all."),
+                io.Combo.Input("reuse", options=list(STRATEGIES), default="hold", optional=True,
+                               tooltip=f"{reuse_setting().tooltip} The router is trained for it and records it."),
             ],
             outputs=[io.Model.Output(tooltip="The model with the trained router."), io.String.Output(display_name="report")],
             **PATCH_NODE,
@@ -110,12 +116,12 @@ class CacheKitTrainRouter(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, scheduler, method, iterations, l1, lr,
-                router_name, resume=False) -> io.NodeOutput:
+                router_name, resume=False, reuse="hold") -> io.NodeOutput:
         path = _output_path(router_name)
         checkpoint = Path(path).with_suffix(".ckpt.pt")
         layout = dit_layout(diffusion_model_of(model))
         if resume and checkpoint.exists():     # refuse a bad checkpoint now, not deep inside sampling
-            load_checkpoint(checkpoint, steps, len(layout.units.units))
+            load_checkpoint(checkpoint, steps, len(layout.units.units), reuse)
         trainee = model.clone()
         twin = _trainable_copy(diffusion_model_of(model))
         trainee.add_object_patch("diffusion_model", twin)
@@ -128,7 +134,8 @@ class CacheKitTrainRouter(io.ComfyNode):
                 key, number = slot.dit_key
                 trainee.set_model_patch_replace(_soft_block(holder, index), "dit", key, number)
         kinds = [u.kind for u in layout.units.units]
-        config = TrainConfig(method, steps, iterations, int(latent_image["samples"].shape[0]), lr, l1, 0.5, seed=seed)
+        config = TrainConfig(method, steps, iterations, int(latent_image["samples"].shape[0]), lr, l1, 0.5, seed=seed,
+                             reuse=reuse)
         bar = comfy.utils.ProgressBar(iterations)
         result = {}
 
@@ -173,6 +180,6 @@ class CacheKitTrainRouter(io.ComfyNode):
         patched = install(model, layout, policy, 0.0, 1.0, _node_id(cls))
         recompute = router.recompute().float().mean().item()
         report = (f"Trained a {method} router for {layout.units.family}: {steps} steps x {router.num_units} sub-layers, "
-                  f"{iterations} iterations; it recomputes {recompute:.0%} of routed sub-layers. "
+                  f"{iterations} iterations, reuse {router.reuse}; it recomputes {recompute:.0%} of routed sub-layers. "
                   f"Saved as {os.path.basename(path)} (models/{FOLDER}/).")
         return io.NodeOutput(patched, report)

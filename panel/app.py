@@ -2,23 +2,26 @@
 
     python -m panel            # via scripts/panel.sh; binds 127.0.0.1:7860 unless told otherwise
 
-Only the wiring lives here: the run is engine.py, the words and JSON report.py, the pictures
-charts.py and pictures.py, none of which import gradio.
+Only the wiring lives here: the run is engine.py, the autotune tuning.py, the words and JSON
+report.py, the pictures charts.py and pictures.py, none of which import gradio.
 """
 from __future__ import annotations
 
 import argparse
 
 import gradio as gr
+import pandas as pd
 
 from ..core.reuse import STRATEGIES
 from ..tinymodels.shapes import CLASSES
 from ..core.heatmap import block_heatmap
-from . import charts, comfy_client, engine, pictures, report
+from . import charts, comfy_client, engine, pictures, report, tuning
 
-CONTROLS = ("interval", "branch", "delta", "start_percent", "reuse")   # method sliders, in the order of build()
+CONTROLS = ("interval", "branch", "delta", "threshold", "start_percent", "reuse")   # method sliders, in the order of build()
 # The charts carry their own titles (charts.py): gradio's label would sit on top of the picture.
 CHART = dict(type="numpy", format="png", interactive=False, show_label=False, buttons=["download", "fullscreen"])
+# The default value of each autotune target (switching the target resets the value to it).
+TARGET_DEFAULTS = {"psnr": tuning.TuneRequest.value, "speedup": 1.5}
 
 
 def _charts(t: dict):
@@ -59,11 +62,11 @@ def comfy_runs(url):
 
 def generate(model, method, interval, branch, class_name, seed, steps, cfg, images, delta=engine.Request.delta,
              start_percent=engine.Request.start_percent, rounds=engine.Request.rounds, reuse=engine.Request.reuse,
-             progress=gr.Progress()):
+             threshold=engine.Request.threshold, progress=gr.Progress()):
     request = engine.Request(model=model, method=method, interval=int(interval), branch=int(branch),
                              class_name=class_name, seed=int(seed), steps=int(steps), cfg=float(cfg),
                              images=int(images), delta=float(delta), start_percent=float(start_percent),
-                             rounds=int(rounds), reuse=str(reuse))
+                             rounds=int(rounds), reuse=str(reuse), threshold=float(threshold))
 
     def on_progress(text, done, total):
         progress(done / total, desc=text)
@@ -82,6 +85,78 @@ def generate(model, method, interval, branch, class_name, seed, steps, cfg, imag
     return (pictures.side_by_side(result.uncached), pictures.side_by_side(result.cached),
             gr.update(value=pictures.side_by_side(diff), label=diff_label),
             report.run_summary(request, result), heat, per_step, per_block, record, str(download))
+
+
+def _tune_methods_for(model):
+    choices = list(tuning.TUNABLE.get(model, ()))
+    return gr.update(choices=choices, value=choices[0] if choices else None)
+
+
+def _autotune_view(record: dict, saved: bool = False):
+    """Summary, trial table, frontier plot, record and JSON download of one tune's record."""
+    table = pd.DataFrame(report.autotune_rows(record), columns=report.AUTOTUNE_HEADERS)
+    download = report.write_json(record, tuning.file_name(record))
+    return (report.autotune_summary(record, saved=saved), table, charts.frontier_chart(record).image, record,
+            str(download))
+
+
+def _empty_table():
+    return pd.DataFrame(columns=report.AUTOTUNE_HEADERS)
+
+
+def autotune(model, method, target, value, steps, images, max_trials, progress=gr.Progress()):
+    """Tune `method` on the bundled `model` for a PSNR or speedup target; keeps the result as the
+    last tune (shown again when the panel opens)."""
+    try:
+        request = tuning.TuneRequest(model=model, method=method, target=target, value=float(value), steps=int(steps),
+                                     images=int(images), max_trials=int(max_trials))
+    except (TypeError, ValueError):
+        raise gr.Error(f"The target value, steps, images and max candidates must be numbers; got {value!r}, "
+                       f"{steps!r}, {images!r}, {max_trials!r}.")
+    try:
+        request.check()
+        result = tuning.run(request, on_progress=lambda text, fraction: progress(fraction, desc=text))
+    except (ValueError, FileNotFoundError) as error:
+        raise gr.Error(str(error))
+    progress(1.0, desc="drawing the frontier")
+    record = tuning.record(request, result)
+    try:
+        tuning.save_last(record)
+    except OSError as error:
+        gr.Warning(f"Could not keep this autotune for the next session ({error}).")
+    return _autotune_view(record)
+
+
+def last_autotune():
+    """The last autotune's view, read back from disk (the panel's load event); opens the Autotune
+    section when there is one."""
+    try:
+        record = tuning.load_last()
+        if record is None:
+            return report.NO_AUTOTUNE, _empty_table(), None, None, None, gr.update()
+        return (*_autotune_view(record, saved=True), gr.update(open=True))
+    except (ValueError, KeyError, TypeError, IndexError) as error:
+        message = f"The saved autotune could not be shown: {error} Run autotune again to replace it."
+        return message, _empty_table(), None, None, None, gr.update(open=True)
+
+
+def apply_autotune(record):
+    """Model, method, its controls and steps set to the last tune's choice (then press Generate)."""
+    if not record:
+        raise gr.Error("Run autotune first: there are no tuned settings to use yet.")
+    if record.get("chosen") is None:
+        raise gr.Error("The last autotune found no setting faster than uncached, so there is nothing to use.")
+    controls, panel, left = tuning.control_values(record)
+    steps = min(max(int(panel["steps"]), 5), 100)        # the main Steps slider's range
+    note = [f"Set **{panel['method']}** on the {report.model_name(panel['model'])}: "
+            + ", ".join(report._setting(k, v) for k, v in controls.items()) + f"; {steps} steps. Press Generate."]
+    if left:
+        note.append(f"No control here for {report.tuned_settings(left)}: Generate runs the method's default "
+                    "for it (pass it to apply_* or the node).")
+    updates = [gr.update(value=panel["model"]),
+               gr.update(choices=list(engine.METHODS[panel["model"]]), value=panel["method"])]
+    updates += [gr.update(value=controls[name]) if name in controls else gr.update() for name in CONTROLS]
+    return (*updates, gr.update(value=steps), "  \n".join(note))
 
 
 def build() -> gr.Blocks:
@@ -111,6 +186,9 @@ def build() -> gr.Blocks:
                                visible=shown["branch"], elem_id="branch")
             delta = gr.Slider(0.0, 0.5, value=engine.Request.delta, step=0.005,
                               label="AdaptiveDiffusion delta (skip threshold)", visible=shown["delta"], elem_id="delta")
+            threshold = gr.Slider(0.0, 0.5, value=engine.Request.threshold, step=0.005,
+                                  label="ChangeCache threshold (first-block change)", visible=shown["threshold"],
+                                  elem_id="threshold")
             start_percent = gr.Slider(0.0, 0.9, value=engine.Request.start_percent, step=0.05,
                                       label="FORA start (share of steps computed in full)",
                                       visible=shown["start_percent"], elem_id="start-percent")
@@ -133,6 +211,40 @@ def build() -> gr.Blocks:
         heatmap = gr.Image(label="Step x block heatmap", elem_id="heatmap", **CHART)
         step_plot = gr.Image(label="Hit rate per step", elem_id="step-plot", **CHART)
         stats = gr.JSON(label="Run data", visible=False)
+        with gr.Accordion("Autotune", open=False, elem_id="autotune") as tune_section:
+            gr.Markdown("Measure a ladder of settings on the bundled model, from gentle to aggressive, and choose "
+                        "the fastest that keeps a PSNR, or the best PSNR at a speedup. The frontier: trials no "
+                        "other trial beats on both. The last result is kept and shown when the panel opens.")
+            with gr.Row():
+                tune_model = gr.Dropdown(list(engine.MODELS), value="unet", label="Model", elem_id="tune-model")
+                tune_method = gr.Dropdown(list(tuning.TUNABLE["unet"]), value=tuning.TUNABLE["unet"][0],
+                                          label="Method", allow_custom_value=True, elem_id="tune-method")
+                tune_target = gr.Radio(list(TARGET_DEFAULTS), value="psnr", label="Target", elem_id="tune-target",
+                                       info="psnr: the fastest at least this PSNR; speedup: the best PSNR this fast")
+                tune_value = gr.Number(value=TARGET_DEFAULTS["psnr"], label="Target value", elem_id="tune-value",
+                                       info=f"PSNR in dB (up to {tuning.MAX_PSNR:g}); speedup above 1 "
+                                            f"(up to {tuning.MAX_SPEEDUP:g})")
+            with gr.Row():
+                tune_steps = gr.Slider(5, 50, value=tuning.TuneRequest.steps, step=1, label="Steps (DDIM)",
+                                       elem_id="tune-steps")
+                tune_images = gr.Slider(1, 8, value=tuning.TuneRequest.images, step=1, label="Images",
+                                        elem_id="tune-images")
+                tune_trials = gr.Slider(1, tuning.MAX_TRIALS, value=tuning.TuneRequest.max_trials, step=1,
+                                        label="Max candidates", elem_id="tune-trials",
+                                        info="each is one calibration sampling")
+            with gr.Row():
+                tune_run = gr.Button("Run autotune", variant="primary", elem_id="autotune-run")
+                tune_apply = gr.Button("Use the chosen settings above", elem_id="autotune-apply")
+            tune_note = gr.Markdown(elem_id="autotune-apply-note")
+            tune_summary = gr.Markdown(report.NO_AUTOTUNE, elem_id="autotune-summary")
+            tune_plot = gr.Image(label="PSNR vs. speedup", elem_id="autotune-plot", **CHART)
+            tune_table = gr.Dataframe(_empty_table(), headers=report.AUTOTUNE_HEADERS, interactive=False, wrap=True,
+                                      column_widths=["5%", "41%", "11%", "13%", "11%", "10%", "9%"],
+                                      label="Every trial (# in the order run; speedup measured, FLOP-weighted "
+                                            "from the work skipped)", elem_id="autotune-table")
+            tune_record = gr.JSON(label="Autotune data", visible=False)
+            tune_download = gr.File(label="Autotune data (JSON: every trial, the frontier, the choice)",
+                                    interactive=False, elem_id="autotune-json")
         with gr.Accordion("Attach to a running ComfyUI", open=False):
             gr.Markdown("Show the CacheKit runs of a ComfyUI with CacheKit installed (newest in the sidebar).")
             with gr.Row():
@@ -140,13 +252,25 @@ def build() -> gr.Blocks:
                 attach = gr.Button("Show ComfyUI runs", elem_id="comfy-attach")
             comfy_list = gr.Markdown(elem_id="comfy-runs")
             comfy_run = gr.JSON(label="Newest run", visible=False)
-        controls = [method_info, interval, branch, delta, start_percent, reuse]
-        model.change(_methods_for, model, [method] + controls)
+        controls = [method_info, interval, branch, delta, threshold, start_percent, reuse]
+        # .input, not .change: "Use the chosen settings" sets model and method together, and a
+        # model change would reset the method to the model's first.
+        model.input(_methods_for, model, [method] + controls)
         method.change(_controls_for, method, controls)
         inputs = [model, method, interval, branch, class_name, seed, steps, cfg, images, delta, start_percent, rounds,
-                  reuse]
+                  reuse, threshold]
         run.click(generate, inputs, [uncached, cached, difference, summary, heatmap, step_plot, block_plot, stats,
-                                     download], api_name="generate")
+                                     download], api_name="generate", concurrency_id="sampling")
+        # Tunes and runs share one queue: both patch and time the same loaded model.
+        tune_model.input(_tune_methods_for, tune_model, tune_method)
+        tune_target.input(lambda target: TARGET_DEFAULTS.get(target), tune_target, tune_value)
+        tune_view = [tune_summary, tune_table, tune_plot, tune_record, tune_download]
+        tune_run.click(autotune, [tune_model, tune_method, tune_target, tune_value, tune_steps, tune_images,
+                                  tune_trials], tune_view, api_name="autotune", concurrency_id="sampling",
+                       show_progress_on=tune_plot)
+        tune_apply.click(apply_autotune, tune_record, [model, method, interval, branch, delta, threshold, start_percent,
+                                                       reuse, steps, tune_note], api_name="apply_autotune")
+        app.load(last_autotune, None, tune_view + [tune_section], api_name="last_autotune")
         attach.click(comfy_runs, comfy_url, [summary, heatmap, step_plot, block_plot, comfy_list, comfy_run, download],
                      api_name="comfy_runs")
     return app

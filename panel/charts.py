@@ -223,3 +223,153 @@ def block_chart(groups: list[str], heat: np.ndarray, width: int = 360, title: st
             canvas.text(label_w - PAD, y0 + row / 2, shorten(groups[j], label_w - 2 * PAD), anchor="rm")
             canvas.text(label_w + bar_w + 4, y0 + row / 2, f"{share:.0%}", anchor="lm")
     return canvas.chart()
+
+
+# -- autotune: PSNR against speedup, with the Pareto frontier ----------------------------------
+TRIAL, FRONTIER, CHOSEN, TARGET = (160, 160, 170), (230, 115, 20), (30, 30, 30), (60, 150, 230)
+
+
+@dataclass
+class FrontierChart(Chart):
+    # Where each trial was drawn: (trial index, x, y, on the frontier), for tests and tooltips.
+    points: list[tuple[int, float, float, bool]] = field(default_factory=list)
+
+
+def nice_ticks(low: float, high: float, count: int = 6) -> list[float]:
+    """Round values (1, 2, 2.5 or 5 times a power of ten apart) covering [low, high], at most `count`."""
+    if not high > low:
+        high = low + 1.0
+    raw = (high - low) / max(1, count - 1)
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= raw)
+    first = math.ceil(low / step - 1e-9) * step
+    ticks, value = [], first
+    while value <= high + 1e-9 * step:
+        ticks.append(round(value, 10))
+        value += step
+    return ticks
+
+
+def _dashed(draw: ImageDraw.ImageDraw, a: tuple[float, float], b: tuple[float, float], fill, dash: int = 5) -> None:
+    length = math.dist(a, b)
+    for start in range(0, int(length), 2 * dash):
+        t0, t1 = start / length, min(1.0, (start + dash) / length)
+        draw.line([(a[0] + (b[0] - a[0]) * t0, a[1] + (b[1] - a[1]) * t0),
+                   (a[0] + (b[0] - a[0]) * t1, a[1] + (b[1] - a[1]) * t1)], fill=fill, width=1)
+
+
+def _fmt_tick(value: float) -> str:
+    return f"{value:g}"
+
+
+def frontier_chart(record: dict, width: int = PLOT_WIDTH, plot_height: int = 300,
+                   title: str = "PSNR vs. measured speedup: every trial, the frontier in orange") -> FrontierChart:
+    """The trials of a tune (report: panel/tuning.record) as points, speedup across and PSNR up;
+    the frontier (trials no other beats on both) joined by a line, the chosen trial ringed, the
+    target dashed. Trials with images identical to the uncached ones sit in a band on top.
+    Frontier points are numbered as in the table where their label has room."""
+    trials = record["trials"]
+    speeds = [t["speedup"] for t in trials]
+    finite = [t["psnr"] for t in trials if t["psnr"] is not None]
+    identical = any(t["psnr"] is None for t in trials)
+    target, value = record["target"], float(record["target_value"])
+    x_low, x_high = min(speeds + [1.0]), max(speeds + [1.0] + ([value] if target == "speedup" else []))
+    y_values = finite + ([value] if target == "psnr" else []) or [0.0, 1.0]
+    y_low, y_high = min(y_values), max(y_values)
+    pad_x, pad_y = 0.06 * ((x_high - x_low) or 1.0), 0.08 * ((y_high - y_low) or 2.0)
+    x_ticks = nice_ticks(x_low - pad_x, x_high + pad_x)
+    y_ticks = nice_ticks(y_low - pad_y, y_high + pad_y)
+    x_low, x_high = min(x_ticks[0], x_low - pad_x), max(x_ticks[-1], x_high + pad_x)
+    y_low, y_high = min(y_ticks[0], y_low - pad_y), max(y_ticks[-1], y_high + pad_y)
+
+    y_labels = [_fmt_tick(v) for v in y_ticks] + (["identical"] if identical else [])
+    left = max(_width(s) for s in y_labels + ["PSNR (dB)"]) + 2 * PAD
+    top = TITLE + 2 * LINE + 2                # the y axis title sits above the plot, clear of the top tick
+    band = 2 * LINE if identical else 0       # identical images: a band above the finite PSNRs
+    plot_top = top + band
+    right = width - PAD - _width(_fmt_tick(x_ticks[-1])) // 2
+    bottom = plot_top + plot_height
+    legend = [(TRIAL, "trial"), (FRONTIER, "on the frontier"), (CHOSEN, "chosen (ringed)"),
+              (TARGET, f"target PSNR >= {value:g} dB" if target == "psnr" else f"target speedup >= {value:g}x")]
+    below = bottom + LINE // 2 + 3            # x tick labels: clear of the lowest y tick label
+    canvas = _Canvas(width, below + 2 * LINE + 6 + LINE + 2 * PAD)
+    canvas.title(title)
+    canvas.text(PAD, TITLE + 2, "PSNR (dB)")
+
+    def px(speed: float) -> float:
+        return left + (speed - x_low) / (x_high - x_low) * (right - left)
+
+    def py(psnr) -> float:
+        if psnr is None:
+            return top + band / 2
+        return bottom - (psnr - y_low) / (y_high - y_low) * plot_height
+
+    for tick in y_ticks:
+        y = py(tick)
+        canvas.draw.line([(left, y), (right, y)], fill=GRID)
+        canvas.text(left - PAD, y, _fmt_tick(tick), anchor="rm")
+    if identical:
+        canvas.draw.rectangle([left, top, right, plot_top - 2], fill=(246, 246, 248))
+        canvas.text(left - PAD, py(None), "identical", anchor="rm")
+    for tick in x_ticks:
+        x = px(tick)
+        canvas.draw.line([(x, top), (x, bottom)], fill=GRID)
+        canvas.draw.line([(x, bottom), (x, bottom + 4)], fill=INK)
+        canvas.text(x, below, _fmt_tick(tick), anchor="ma")
+    canvas.draw.line([(px(1.0), top), (px(1.0), bottom)], fill=(150, 150, 155))      # uncached
+    canvas.draw.line([(left, bottom), (right, bottom)], fill=INK)
+    canvas.draw.line([(left, top), (left, bottom)], fill=INK)
+    canvas.text(left, below + LINE + 2, "measured speedup (x, uncached time / cached time; 1 = uncached)")
+    if target == "psnr":
+        _dashed(canvas.draw, (left, py(value)), (right, py(value)), TARGET)
+    else:
+        _dashed(canvas.draw, (px(value), top), (px(value), bottom), TARGET)
+
+    front = sorted((i for i, t in enumerate(trials) if t["on_frontier"]), key=lambda i: speeds[i])
+    if len(front) > 1:
+        canvas.draw.line([(px(speeds[i]), py(trials[i]["psnr"])) for i in front], fill=FRONTIER, width=2)
+    points = []
+    order = sorted(range(len(trials)), key=lambda i: trials[i]["on_frontier"])     # frontier drawn last, on top
+    for i in order:
+        t = trials[i]
+        x, y = px(t["speedup"]), py(t["psnr"])
+        r = 5 if t["on_frontier"] else 4
+        canvas.draw.ellipse([x - r, y - r, x + r, y + r], fill=FRONTIER if t["on_frontier"] else TRIAL)
+        if t.get("chosen"):
+            canvas.draw.ellipse([x - 9, y - 9, x + 9, y + 9], outline=CHOSEN, width=2)
+        points.append((i, x, y, bool(t["on_frontier"])))
+
+    # Number the frontier points where a label fits: inside the plot, clear of every other label
+    # and of the points themselves.
+    taken = [box for _, box in canvas.labels]
+    dots = [(x - 6, y - 6, x + 6, y + 6) for _, x, y, _ in points]
+    for i in front:
+        x, y = px(speeds[i]), py(trials[i]["psnr"])
+        text = f"#{i + 1}"
+        w = _width(text)
+        for dx, dy in ((10, -LINE - 2), (10, 2), (-10 - w, -LINE - 2), (-10 - w, 2)):
+            box = (math.floor(x + dx), math.floor(y + dy), math.ceil(x + dx + w), math.ceil(y + dy + LINE))
+            inside = left < box[0] and box[2] < right and top <= box[1] and box[3] <= bottom
+            clear = all(_apart(box, other) for other in taken + dots)
+            if inside and clear:
+                canvas.text(box[0], box[1], text, fill=FRONTIER)
+                taken.append(canvas.labels[-1][1])
+                break
+
+    y = below + 2 * LINE + 6
+    x = left
+    for color, name in legend:
+        if color is CHOSEN:
+            canvas.draw.ellipse([x, y + 1, x + 12, y + 13], outline=CHOSEN, width=2)
+        elif color is TARGET:
+            _dashed(canvas.draw, (x, y + 7), (x + 12, y + 7), TARGET, dash=3)
+        else:
+            canvas.draw.ellipse([x + 2, y + 3, x + 10, y + 11], fill=color)
+        canvas.text(x + 16, y, name)
+        x += 16 + _width(name) + 18
+    chart = canvas.chart()
+    return FrontierChart(chart.image, chart.labels, points)
+
+
+def _apart(a: Box | tuple, b: Box | tuple) -> bool:
+    return a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1]

@@ -22,7 +22,7 @@ from ..tinymodels.shapes import CLASSES
 MODELS = {"dit": "Tiny DiT (FORA)", "unet": "Tiny U-Net (DeepCache)"}
 # The panel's method controls (Request fields, app.CONTROLS) and the method settings they set: a
 # control drives the setting of that role ("interval", "branch") or, failing that, of its name.
-CONTROLS = ("interval", "branch", "delta", "start_percent", "reuse")
+CONTROLS = ("interval", "branch", "delta", "threshold", "start_percent", "reuse")
 MAX_ROUNDS = 5
 # A HarmoniCa router trained on the bundled DiT (scripts/train_router.py) for the panel's 25 steps.
 BUNDLED_ROUTER = WEIGHTS / "dit_router_harmonica_25.safetensors"
@@ -70,6 +70,7 @@ class Request:
     cfg: float = 3.0
     images: int = 4
     delta: float = 0.05             # AdaptiveDiffusion only
+    threshold: float = 0.05         # ChangeCache only
     # FORA only: the share of steps computed in full before reuse starts. The bundled DiT's
     # features move fast early on (bench: 13 dB from step 0 vs 27 dB from 20 % at N=2).
     start_percent: float = 0.2

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from . import engine
 
-SETTING_NAMES = {"interval": "interval", "branch": "branch", "delta": "delta", "start_percent": "start",
-                 "reuse": "reuse"}
+SETTING_NAMES = {"interval": "interval", "branch": "branch", "delta": "delta", "threshold": "threshold",
+                 "start_percent": "start", "reuse": "reuse"}
 FORMAT = "cachekit-panel-run/1"
 
 
@@ -21,8 +21,8 @@ def model_name(model: str) -> str:
 def _setting(name: str, value) -> str:
     if name == "start_percent":
         return f"start {value:.0%} of steps"
-    if name == "delta":
-        return f"delta {value:g}"
+    if name in ("delta", "threshold"):
+        return f"{name} {value:g}"
     return f"{SETTING_NAMES[name]} {value}"
 
 
@@ -134,3 +134,59 @@ def write_json(record: dict, name: str) -> Path:
 
 def file_name(request: engine.Request) -> str:
     return f"cachekit_{request.model}_{request.method}_{request.steps}steps_seed{request.seed}.json"
+
+
+# -- autotune ----------------------------------------------------------------------------------
+# speedup: measured (uncached time / cached time); FLOP-weighted: the work skipped, timing-free.
+AUTOTUNE_HEADERS = ["#", "settings", "speedup", "FLOP-weighted", "PSNR (dB)", "frontier", "chosen"]
+NO_AUTOTUNE = "No autotune yet: choose a method and a target above and press **Run autotune**."
+
+
+def tuned_settings(settings: dict) -> str:
+    """Keyword settings as a caller passes them: "cache_interval=3, cache_branch=0, reuse=hold"."""
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in settings.items())
+
+
+def target_text(target: str, value: float) -> str:
+    return f"PSNR ≥ {value:g} dB" if target == "psnr" else f"speedup ≥ {value:g}x"
+
+
+def _psnr(value) -> str:
+    return "identical" if value is None else f"{value:.1f}"
+
+
+def autotune_summary(rec: dict, saved: bool = False) -> str:
+    """What the tune chose and whether it met the target. `saved`: the record was read back from
+    disk (the panel just opened), so say when it ran."""
+    s = rec["sampling"]
+    lines = [f"### Autotune: {rec['method']} on {model_name(rec['model'])}, target "
+             f"{target_text(rec['target'], rec['target_value'])}"]
+    if saved:
+        lines.append(f"_The last autotune, run {rec.get('saved', 'earlier')}._")
+    chosen = rec["trials"][rec["chosen"]] if rec.get("chosen") is not None else None
+    if chosen is None:
+        goal = target_text(rec["target"], rec["target_value"])
+        lines.append("**Target not met**: no candidate ran faster than uncached"
+                     + (f" with {goal}" if rec["target"] == "psnr" else "")
+                     + f", so caching stays off (`{tuned_settings(rec['settings'])}`).")
+    else:
+        flop = f", {chosen['ideal_speedup']:.2f}x FLOP-weighted" if chosen.get("ideal_speedup") else ""
+        verdict = "**Target met**" if rec["met"] else "**Target not met**: the fastest setting found instead"
+        lines += [f"{verdict}: trial #{rec['chosen'] + 1}, `{tuned_settings(chosen['settings'])}`",
+                  f"**Chosen** {chosen['speedup']:.2f}x measured{flop}, PSNR {_psnr(chosen['psnr'])}"
+                  + (" dB" if chosen["psnr"] is not None else "")]
+    on_front = len(rec.get("frontier", []))
+    lines.append(f"{len(rec['trials'])} candidates tried, {on_front} on the frontier · uncached "
+                 f"{rec['reference_seconds']:.2f} s per calibration run ({s['steps']} DDIM steps, "
+                 f"{s['images']} image{'s' if s['images'] != 1 else ''}, CFG {s['cfg']:g}, seed {s['seed']})")
+    return "  \n".join(lines)
+
+
+def autotune_rows(rec: dict) -> list[list]:
+    """One table row per trial, in the order autotune ran them."""
+    rows = []
+    for i, t in enumerate(rec["trials"]):
+        ideal = f"{t['ideal_speedup']:.2f}x" if t.get("ideal_speedup") else "–"
+        rows.append([i + 1, tuned_settings(t["settings"]), f"{t['speedup']:.2f}x", ideal, _psnr(t["psnr"]),
+                     "✓" if t["on_frontier"] else "", "✓" if t.get("chosen") else ""])
+    return rows

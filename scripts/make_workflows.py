@@ -22,7 +22,7 @@ OUTPUTS = {
     "VAEDecode": ["IMAGE"], "SaveImage": [], "PreviewImage": [], "SaveAnimatedWEBP": [], "PreviewAny": [],
     "CacheKitDeepCache": ["MODEL"], "CacheKitFORA": ["MODEL"], "CacheKitAdaptiveSkip": ["MODEL"],
     "CacheKitAutotune": ["MODEL", "CACHEKIT_SETTINGS", "STRING"], "CacheKitStats": ["IMAGE", "STRING"],
-    "CacheKitRouter": ["MODEL"],
+    "CacheKitRouter": ["MODEL"], "CacheKitChangeCache": ["MODEL"],
     "Note": [],
 }
 OUTPUT_NAMES = {"CacheKitAutotune": ["MODEL", "settings", "report"], "CacheKitStats": ["heatmap", "summary"],
@@ -31,6 +31,7 @@ OUTPUT_NAMES = {"CacheKitAutotune": ["MODEL", "settings", "report"], "CacheKitSt
 DEEPCACHE = [3, 0, "uniform", 15, 1.4, 0.0, 1.0, "hold"]  # interval, branch, schedule, center, power, start, end, reuse
 FORA = [3, 0.0, 1.0, "hold"]                              # interval, start, end, reuse
 ADAPTIVE = [0.01, 4]                                      # delta, max_skip_steps
+CHANGE = [0.05, 2, 3, 0, 0.0, 1.0, "hold"]  # threshold, warmup_steps, max_reuse, cache_branch, start, end, reuse
 
 
 class Workflow:
@@ -179,7 +180,23 @@ def _unet_clip_vae(w, unet, clip, clip_type, vae, dual=None):
     return model, clip_node, vae_node
 
 
-def fora_flux(name):
+def change_sd15(name):
+    w = Workflow()
+    ckpt_node, pos, neg, latent = _checkpoint(w, "v1-5-pruned-emaonly-fp16.safetensors", PROMPT, NEG, 512)
+    ch = w.node("CacheKitChangeCache", CHANGE, pos=(700, 100), size=(320, 230), model=(ckpt_node, 0, "MODEL"))
+    ks = _sample_and_save(w, ch, pos, neg, latent, (ckpt_node, 2, "VAE"), sampler=(30, 7.0, "euler", "normal"))
+    _stats(w, ch, ks)
+    w.note("ChangeCache decides every step from the data (the First Block Cache / TeaCache family): the first "
+           "input block always runs; when its output changed less than `threshold` since the last full step, the "
+           "deep part of the U-Net (below cache_branch, as DeepCache) reuses its stored features.\n\n"
+           "The CacheKit sidebar tab shows each step's change value: set threshold between the values of steps you "
+           "want reused and those you want computed. 0 never reuses. warmup_steps always compute; max_reuse caps "
+           "reused steps in a row.", pos=(0, 420))
+    w.save(name)
+
+
+def _flux(name, patch_type, widgets, steps, note, size=None):
+    """Flux dev text-to-image with one CacheKit node on the model."""
     w = Workflow()
     model, clip, vae = _unet_clip_vae(w, "flux1-dev.safetensors", None, "flux", "ae.safetensors",
                                       dual=("clip_l.safetensors", "t5xxl_fp16.safetensors"))
@@ -187,13 +204,26 @@ def fora_flux(name):
     guided = w.node("FluxGuidance", [3.5], pos=(380, 160), conditioning=(pos, 0, "CONDITIONING"))
     neg = w.node("CLIPTextEncode", [""], pos=(380, 280), clip=(clip, 0, "CLIP"))
     latent = w.node("EmptySD3LatentImage", [1024, 1024, 1], pos=(380, 440))
-    fora = w.node("CacheKitFORA", FORA, pos=(700, 100), model=(model, 0, "MODEL"))
-    ks = _sample_and_save(w, fora, guided, neg, latent, (vae, 0, "VAE"), sampler=(20, 1.0, "euler", "simple"))
-    _stats(w, fora, ks)
-    w.note("FORA on Flux (also Chroma). Flux's blocks compute joint attention inline, so each block is a unit and "
-           "FORA reuses its residual between refreshes. Flux dev is guidance-distilled: cfg 1, guidance from "
-           "FluxGuidance. interval 2 is a safe start at 20 steps; 3 is faster.", pos=(0, 620))
+    patched = w.node(patch_type, widgets, pos=(700, 100), size=size, model=(model, 0, "MODEL"))
+    ks = _sample_and_save(w, patched, guided, neg, latent, (vae, 0, "VAE"), sampler=(steps, 1.0, "euler", "simple"))
+    _stats(w, patched, ks)
+    w.note(note, pos=(0, 620))
     w.save(name)
+
+
+def change_flux(name):
+    _flux(name, "CacheKitChangeCache", [0.12, 2, 3, 0, 0.0, 1.0, "hold"], 28,
+          "ChangeCache on Flux (also Chroma, SD3, PixArt, Wan): the first double block always runs; while its "
+          "residual changed less than `threshold` since the last full step, every other block reuses its residual "
+          "(First Block Cache's rule; 0.12 is the usual Flux setting). The sidebar shows each step's change value. "
+          "reuse forecast1 extrapolates the residuals instead of holding them.", size=(320, 230))
+
+
+def fora_flux(name):
+    _flux(name, "CacheKitFORA", FORA, 20,
+          "FORA on Flux (also Chroma). Flux's blocks compute joint attention inline, so each block is a unit and "
+          "FORA reuses its residual between refreshes. Flux dev is guidance-distilled: cfg 1, guidance from "
+          "FluxGuidance. interval 2 is a safe start at 20 steps; 3 is faster.")
 
 
 def _pixart(name, patch_type, widgets, note):
@@ -218,7 +248,7 @@ def fora_pixart(name):
 
 
 def router_pixart(name):
-    _pixart(name, "CacheKitRouter", ["pixart_sigma_20steps_harmonica.safetensors", 0.0],
+    _pixart(name, "CacheKitRouter", ["pixart_sigma_20steps_harmonica.safetensors", 0.0, "as trained"],
             "A learned router (Learning-to-Cache or HarmoniCa) decides per step and sub-layer whether to recompute "
             "or reuse. Put router files in models/cachekit_routers/: CacheKit's .safetensors routers, or official "
             "L2C .pt files. A router only fits the model and step count it was trained for (here PixArt Σ at 20 "
@@ -261,6 +291,8 @@ def main():
     adaptive("adaptive_skip_sd15")
     stack("stack_deepcache_adaptive_sd15")
     autotune("autotune_deepcache_sd15")
+    change_sd15("change_cache_sd15")
+    change_flux("change_cache_flux")
     print("\n".join(sorted(p.name for p in OUT.glob("*.json"))))
 
 

@@ -1,4 +1,5 @@
-"""Train a learned router on a bundled model (see bench/train_router_cli.py); works under torchrun."""
+"""Train a learned router on a bundled model (see bench/train_router_cli.py); works under torchrun.
+--reuse forecast1 / forecast2 trains it for forecast reuse (it records it; applying it runs it)."""
 import sys
 from pathlib import Path
 

@@ -121,3 +121,18 @@ def test_delta_zero_never_skips_on_a_real_trajectory():
 def test_bad_settings_give_clear_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         AdaptiveConfig(**kwargs)
+
+
+def test_the_recorded_score_is_what_delta_bounds():
+    """The telemetry's per-step value (the sidebar shows it): |third-order diff| / d_(k-1); a step
+    outside the cap skips exactly when it is <= delta."""
+    diffs = [1.0, 0.9, 0.8, 0.72, 0.7, 0.5, 0.45, 0.44, 0.2, 0.19]
+    decisions, rule = _run(_from_diffs(diffs), delta=0.05, max_skip_steps=10)
+    assert rule.scores and min(rule.scores) >= 4       # none in the warm-up
+    for step, score in rule.scores.items():
+        # d values are 1-based and the rule reads d_(k-1), d_(k-2), d_(k-3) at step k
+        d = [None] + diffs
+        cur, prev, prev_prev = d[step - 1], d[step - 2], d[step - 3]
+        assert score == pytest.approx(abs((cur + prev_prev) / 2 - prev) / prev, rel=1e-4, abs=1e-5)
+        assert (not decisions[step]) == (score <= 0.05 + 1e-6), (step, score)
+    assert any(decisions[4:]) and not all(decisions[4:])

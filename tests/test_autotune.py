@@ -74,7 +74,7 @@ def test_bad_targets_give_clear_errors():
         autotune(sample, "fora", "ssim", 0.9)
     with pytest.raises(ValueError, match="unknown method"):
         ladders("tomesd")
-    assert set(NO_CACHING) == {"deepcache", "fora", "adaptive"}
+    assert set(NO_CACHING) == {"deepcache", "fora", "adaptive", "change"}
 
 
 def test_tune_on_a_diffusers_unet_returns_settings_that_reproduce_the_measurement():

@@ -171,7 +171,7 @@ def test_step_ticks_are_round_numbers_spaced_for_their_labels():
 
 def test_only_the_chosen_methods_controls_are_shown_with_one_line_about_it():
     expected = {"DeepCache": {"interval", "branch", "reuse"}, "FORA": {"interval", "start_percent", "reuse"},
-                "AdaptiveDiffusion": {"delta"}, "Router": set()}
+                "AdaptiveDiffusion": {"delta"}, "ChangeCache": {"threshold", "reuse"}, "Router": set()}
     assert set(engine.SETTINGS) == set(expected) >= {m for ms in engine.METHODS.values() for m in ms}
     for method, wanted in expected.items():
         info, *updates = panel_app._controls_for(method)

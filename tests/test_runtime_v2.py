@@ -156,7 +156,7 @@ from pack import load_pack
 load_pack()
 import torch, torch.distributed as dist
 from diffusers import DiTTransformer2DModel
-from cachekit import apply_adaptive_skip, apply_fora
+from cachekit import apply_adaptive_skip, apply_change_cache, apply_fora
 
 STEPS = 14
 
@@ -166,8 +166,12 @@ def run(rank, method):
     torch.manual_seed(0)
     model = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, num_layers=2,
                                   sample_size=8, patch_size=2, num_embeds_ada_norm=10).eval()
-    handle = (apply_adaptive_skip(model, delta=0.3, max_skip_steps=3, num_inference_steps=STEPS) if method == "adaptive"
-              else apply_fora(model, interval=3, num_inference_steps=STEPS))
+    if method == "adaptive":
+        handle = apply_adaptive_skip(model, delta=0.3, max_skip_steps=3, num_inference_steps=STEPS)
+    elif method == "change":
+        handle = apply_change_cache(model, threshold=0.05, warmup_steps=1, max_reuse=0, num_inference_steps=STEPS)
+    else:
+        handle = apply_fora(model, interval=3, num_inference_steps=STEPS)
     g = torch.Generator().manual_seed(100 + rank)
     x, y = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([rank, rank + 2])
     with torch.no_grad():
@@ -177,11 +181,13 @@ def run(rank, method):
             x = x + scale * torch.randn(2, 4, 8, 8, generator=g)
     run = handle.finish_run()
     handle.remove()
+    if method == "change":
+        return [sum(row) > 0 for row in run.reused]
     return [sum(row) > 0 for row in run.computed] if method == "adaptive" else run.reused
 
 out = os.environ["AGREE_OUT"]
 if os.environ.get("ALONE"):
-    json.dump([run(0, "adaptive"), run(1, "adaptive")], open(out + "/alone.json", "w"))
+    json.dump({{m: [run(0, m), run(1, m)] for m in ("adaptive", "change")}}, open(out + "/alone.json", "w"))
 else:
     dist.init_process_group("gloo")
     rank, reduces = dist.get_rank(), []
@@ -190,8 +196,12 @@ else:
     decisions = run(rank, "adaptive")
     online = len(reduces)
     reduces.clear()
+    change = run(rank, "change")
+    change_reduces = len(reduces)
+    reduces.clear()
     fora = run(rank, "fora")
-    json.dump({{"decisions": decisions, "online_reduces": online, "static_reduces": len(reduces), "fora": fora}},
+    json.dump({{"decisions": decisions, "online_reduces": online, "static_reduces": len(reduces), "fora": fora,
+               "change": change, "change_reduces": change_reduces}},
               open(out + f"/rank{{rank}}.json", "w"))
     dist.destroy_process_group()
 """
@@ -207,7 +217,8 @@ def test_online_decisions_agree_across_ranks_that_see_different_inputs(tmp_path)
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              str(script)], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    alone0, alone1 = json.loads((tmp_path / "alone.json").read_text())
+    alone = json.loads((tmp_path / "alone.json").read_text())
+    alone0, alone1 = alone["adaptive"]
     rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert alone0 != alone1                  # alone, the ranks would decide differently (and hang a real model)
     assert rank0["decisions"] == rank1["decisions"]          # agreed: the same decision at every step
@@ -217,6 +228,11 @@ def test_online_decisions_agree_across_ranks_that_see_different_inputs(tmp_path)
     assert rank0["online_reduces"] == rank1["online_reduces"] == 12
     assert rank0["static_reduces"] == rank1["static_reduces"] == 0
     assert rank0["fora"] == rank1["fora"]
+    # ChangeCache (online, unit level): alone the ranks differ; agreed they reuse at the same steps,
+    # with one all-reduce per step that has a reference probe (13 of 14).
+    assert alone["change"][0] != alone["change"][1]
+    assert rank0["change"] == rank1["change"] and any(rank0["change"]) and not all(rank0["change"])
+    assert rank0["change_reduces"] == rank1["change_reduces"] == 13
 
 
 def test_agree_is_the_identity_without_a_process_group():

@@ -99,6 +99,34 @@ function stepBars(t) {
   return canvas;
 }
 
+// Online methods: the value each step's decision compared with its threshold, as bars
+// (green = reused, grey = computed) and as text a user can copy when tuning the threshold.
+function probeChart(t) {
+  const values = t.probe_values || [];
+  if (!values.some((v) => v !== null && v !== undefined)) return null;
+  const box = document.createElement("div");
+  box.className = "cachekit-probes";
+  const canvas = document.createElement("canvas");
+  const bar = Math.max(3, Math.min(10, Math.floor(300 / Math.max(1, t.num_steps))));
+  canvas.width = t.num_steps * bar;
+  canvas.height = 40;
+  const ctx = canvas.getContext("2d");
+  const top = Math.max(...values.filter((v) => v !== null && isFinite(v)), 1e-9);
+  values.forEach((v, step) => {
+    if (v === null || v === undefined) return;
+    const reused = (t.step_hit_rates[step] || 0) > 0 || (t.skipped_steps || []).includes(step);
+    ctx.fillStyle = reused ? "#50c88c" : "#8a8a8a";
+    const h = Math.max(1, Math.round(Math.min(1, v / top) * 40));
+    ctx.fillRect(step * bar, 40 - h, bar - 1, h);
+  });
+  const text = document.createElement("div");
+  text.className = "cachekit-probe-values";
+  text.style.cssText = "font-size:10px;font-family:monospace;word-break:break-all;opacity:.8";
+  text.textContent = values.map((v, step) => `${step}:${v === null || v === undefined ? "-" : v.toPrecision(3)}`).join(" ");
+  box.append(canvas, text);
+  return box;
+}
+
 function runCard(record) {
   const t = record.telemetry;
   const card = document.createElement("div");
@@ -122,6 +150,8 @@ function runCard(record) {
   const label = (text) => { const d = document.createElement("div"); d.style.cssText = "font-size:11px;opacity:.7;margin-top:6px"; d.textContent = text; return d; };
   card.append(title, stats, label("per step (orange = whole step skipped)"), stepBars(t),
               label("step × block (bright = reused)"), heatmapCanvas(t));
+  const probes = probeChart(t);
+  if (probes) card.append(label(`decision value per step: ${t.probe_label || "probe"} (green = reused)`), probes);
   return card;
 }
 

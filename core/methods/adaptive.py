@@ -56,6 +56,7 @@ class AdaptiveSkipRule:
         self._previous: torch.Tensor | None = None
         self._diffs: list[torch.Tensor] = []    # d_1, d_2, ... (0-d tensors, as the official)
         self.mask: list[bool] = []              # decisions after the warm-up: True = computed
+        self.scores: dict[int, float] = {}      # step -> |third-order diff| / d_(k-1), what delta bounds
 
     def decide(self, latent: torch.Tensor) -> bool:
         return self.decide_from(self.measure(latent))
@@ -79,6 +80,8 @@ class AdaptiveSkipRule:
             return True
         prev_diff, prev_prev_diff = self._diffs[-1], self._diffs[-2]
         self._diffs.append(diff)
+        if float(prev_diff) > 0:     # for the telemetry only; the decision below is the official arithmetic
+            self.scores[n] = float(abs((diff + prev_prev_diff) / 2 - prev_diff) / prev_diff)
         compute = self._estimate(diff, prev_diff, prev_prev_diff)
         self.mask.append(compute)
         return compute
@@ -101,6 +104,7 @@ class AdaptivePolicy:
     name: str = "AdaptiveDiffusion"
     level: str = "call"
     online: bool = True
+    probe_label: str = "third-order latent change / first-order (skips below delta)"
 
     def start(self, units, num_steps: int, window: range) -> AdaptiveSkipRule:
         return AdaptiveSkipRule(self.config)
@@ -110,3 +114,7 @@ class AdaptivePolicy:
 
     def decide(self, rule: AdaptiveSkipRule, step: int, diff: torch.Tensor | None) -> bool:
         return rule.decide_from(diff)
+
+    def score(self, rule: AdaptiveSkipRule, step: int) -> float | None:
+        """What delta was compared with at this step (None in the warm-up)."""
+        return rule.scores.get(rule.steps_seen - 1)

@@ -114,6 +114,13 @@ def is_deep(kind: str, position: tuple[int, int], cache_block: int, cache_layer:
     return layer >= cache_layer if kind == "down" else layer > cache_layer
 
 
+def deep_row(units: UnitMap, branch: int) -> list[bool]:
+    """[unit]: True where a cache step at this branch reuses the unit (the deep part of the U-Net)."""
+    geometry = geometry_of(units)
+    cache_block, cache_layer = branch_position(branch, geometry.layers_per_block)
+    return [is_deep(u.kind, p, cache_block, cache_layer) for u, p in zip(units.units, geometry.positions)]
+
+
 def geometry_of(units: UnitMap):
     if units.geometry is None:
         raise ValueError(f"DeepCache needs a U-Net; this model ({units.family}) has no U-Net geometry. "
@@ -128,6 +135,13 @@ def max_branch(units: UnitMap) -> int:
     return max(b * geometry.layers_per_block + l for b, l in downs)
 
 
+def check_branch(units: UnitMap, branch: int) -> None:
+    top = max_branch(units)
+    if branch > top:
+        raise ValueError(f"cache_branch {branch} is deeper than this U-Net allows "
+                         f"(0-{top} for its {geometry_of(units).layers_per_block} layers per level). Lower cache_branch.")
+
+
 @dataclass(frozen=True)
 class DeepCachePolicy:
     config: DeepCacheConfig
@@ -139,19 +153,13 @@ class DeepCachePolicy:
         return strategy_from_name(self.config.reuse)
 
     def validate(self, units: UnitMap) -> None:
-        top = max_branch(units)
-        if self.config.cache_branch > top:
-            raise ValueError(
-                f"cache_branch {self.config.cache_branch} is deeper than this U-Net allows "
-                f"(0-{top} for its {geometry_of(units).layers_per_block} layers per level). Lower cache_branch.")
+        check_branch(units, self.config.cache_branch)
 
     def plan(self, units: UnitMap, num_steps: int, window: range) -> Plan:
         plan = full_plan(units, num_steps)
         if self.config.cache_interval == 1 or len(window) == 0:
             return plan
-        geometry = geometry_of(units)
-        cache_block, cache_layer = branch_position(self.config.cache_branch, geometry.layers_per_block)
-        deep = [is_deep(u.kind, p, cache_block, cache_layer) for u, p in zip(units.units, geometry.positions)]
+        deep = deep_row(units, self.config.cache_branch)
         full = full_steps(self.config, len(window))
         for rel, step in enumerate(window):
             if rel not in full:

@@ -38,6 +38,7 @@ from typing import Any, Callable, Iterable, Iterator
 from ..reuse import STRATEGIES
 from ..units import UnitMap
 from .adaptive import AdaptiveConfig, AdaptivePolicy
+from .change import ChangeConfig, ChangePolicy
 from .deepcache import SCHEDULES, DeepCacheConfig, DeepCachePolicy, max_branch
 from .fora import ForaConfig, ForaPolicy
 from .router import RouterPolicy, check_threshold
@@ -396,7 +397,9 @@ register(MethodSpec(
     main_settings=("cache_interval", "cache_branch", "reuse"),
     off={"cache_interval": 1, "cache_branch": 0},
     ladder=_deepcache_ladder,
-    bench=tuple({"cache_interval": n, "cache_branch": b} for n in (2, 3, 5) for b in (0, 1)),
+    bench=(*({"cache_interval": n, "cache_branch": b} for n in (2, 3, 5) for b in (0, 1)),
+           *({"cache_interval": n, "cache_branch": b, "reuse": r} for n in (3, 5) for b in (0, 1)
+             for r in ("forecast1", "forecast2"))),
     node=NodeSpec("CacheKitDeepCache", "DeepCache (CacheKit)",
                   "DeepCache for U-Nets (SD1.x, SD2.x, SDXL): on cache steps only the shallow branch of the U-Net "
                   "runs; the deep features come from the last full step.",
@@ -417,7 +420,8 @@ register(MethodSpec(
     main_settings=("interval", "start_percent", "reuse"),
     off={"interval": 1, "start_percent": 0.0},
     ladder=_fora_ladder,
-    bench=tuple({"interval": n} for n in (2, 3, 4, 5)),
+    bench=(*({"interval": n} for n in (2, 3, 4, 5)),
+           *({"interval": n, "reuse": r} for n in (2, 3, 4) for r in ("forecast1", "forecast2"))),
     node=NodeSpec("CacheKitFORA", "FORA (CacheKit)",
                   "FORA for DiTs: every N steps compute everything; in between reuse each block's attention and MLP "
                   "outputs. Covers {dit_families}. SD3, Flux and Chroma reuse whole-block residuals (their attention "
@@ -451,15 +455,60 @@ register(MethodSpec(
 ))
 
 
+def _change_ladder(units: UnitMap | None) -> list[list[dict]]:
+    """Thresholds from gentle to aggressive; hold, then forecast1; U-Nets at branches 0 and 1."""
+    branches = (0, 1) if units is None or units.geometry is not None else (0,)
+    return [[{"threshold": t, "cache_branch": b, "reuse": r}
+             for t in (0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.12, 0.2, 0.3, 0.5)]
+            for b in branches for r in ("hold", "forecast1")]
+
+
+register(MethodSpec(
+    key="change", name="ChangeCache", config=ChangeConfig, level="unit", fits="any", policy=ChangePolicy,
+    summary="Decides each step from how much the first block's output changed since the last full step "
+            "(First Block Cache / TeaCache family): below the threshold the other blocks are reused.",
+    settings=(
+        Setting("threshold", "float", 0.1, 0.0, 10.0, 0.005, label="t",
+                tooltip="Reuse while the first block's relative change since the last full step is below this. "
+                        "0 never reuses; larger reuses more."),
+        Setting("warmup_steps", "int", 2, 0, 1000, label="warmup",
+                tooltip="The first steps of the active range always compute everything."),
+        Setting("max_reuse", "int", 3, 0, 1000, label="max_reuse",
+                tooltip="At most this many reused steps in a row; 0 removes the cap."),
+        Setting("cache_branch", "int", 0, 0, 100, role="branch", label="branch",
+                tooltip="U-Nets only: which skip branch stays live on reused steps (0 = fastest), as DeepCache. "
+                        "DiTs reuse every block after the first."),
+        *percent_settings(),
+        reuse_setting(),
+    ),
+    main_settings=("threshold", "max_reuse", "reuse"),
+    off={"threshold": 0.0},
+    ladder=_change_ladder,
+    # U-Nets' first layer changes about ten times less than a DiT's first block: both scales.
+    bench=(*({"threshold": t} for t in (0.01, 0.02, 0.05, 0.1, 0.2)),
+           *({"threshold": t, "reuse": "forecast1"} for t in (0.02, 0.1))),
+    node=NodeSpec("CacheKitChangeCache", "Change Cache (CacheKit)",
+                  "Online, change-driven caching for U-Nets and DiTs (the First Block Cache / TeaCache family): each "
+                  "step runs the first block; when its output changed less than the threshold since the last full "
+                  "step, the other blocks (a U-Net's deep part) reuse their stored values. Covers {dit_families} "
+                  "and SD1.x / SD2.x / SDXL.",
+                  "The model with change-driven caching."),
+))
+
+
 @dataclass(frozen=True)
 class RouterConfig:
     """A learned L2C / HarmoniCa router: a `Router`, or a router file (CacheKit .safetensors, an
     official L2C .pt). threshold None: the router's own; 0 recomputes everything (caching off)."""
     router: Any
     threshold: float | None = None
+    reuse: str | None = None       # None: the reuse the router was trained for (hold for official ones)
 
     def __post_init__(self) -> None:
         from ..routers import Router
+        from .deepcache import check_reuse
+        if self.reuse is not None:
+            check_reuse(self.reuse)
         if not isinstance(self.router, (Router, str, os.PathLike)):
             raise ValueError(f"router must be a Router or a router file, got {type(self.router).__name__}.")
         check_threshold(self.threshold)
@@ -468,7 +517,7 @@ class RouterConfig:
 def router_policy(config: RouterConfig) -> RouterPolicy:
     from ..routers import Router, load_any
     router = config.router if isinstance(config.router, Router) else load_any(config.router)
-    return RouterPolicy(router, config.threshold)
+    return RouterPolicy(router, config.threshold, config.reuse)
 
 
 register(MethodSpec(

@@ -8,11 +8,18 @@ step's gates, as in FORA.
   router T-1-k; steps whose router index is odd are full (every sub-layer computed), steps with
   an even index are routed. The very first step always computes (nothing is cached yet).
 * HarmoniCa: every step after the first is routed, so a cached output may be several steps old.
+
+How a reused output is produced is a reuse strategy (core/reuse.py): "hold" as published, or
+"forecast1"/"forecast2" (TaylorSeer), where each unit extrapolates from its own last refreshes.
+A router trained for a strategy (core/routers/train.py, `TrainConfig.reuse`) records it
+(`Router.reuse`); unless the caller names one, the policy runs the router's own: its decisions
+were learned against that reuse, and official and older routers (no record) are hold.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..reuse import strategy_from_name
 from ..routers.format import Router, RouterError
 from ..units import UnitMap
 from .base import Plan, full_plan
@@ -45,9 +52,24 @@ def routed_steps(method: str, num_steps: int) -> list[bool]:
 class RouterPolicy:
     router: Router
     threshold: float | None = None
+    # core/reuse.py: "hold" (published) or "forecast1"/"forecast2"; None: the router's own
+    # (`Router.reuse`, what it was trained for; "hold" for official files and older routers).
+    reuse_name: str | None = None
 
     def __post_init__(self) -> None:
         check_threshold(self.threshold)
+        strategy_from_name(self.reuse_resolved)
+
+    @property
+    def reuse_resolved(self) -> str:
+        """The reuse name this policy runs: the override, else the router's own."""
+        return self.router.reuse if self.reuse_name is None else self.reuse_name
+
+    @property
+    def reuse(self):
+        """The reuse strategy the session runs every unit with. With forecasting, each unit
+        extrapolates over the gaps between its own refreshes (units refresh at different steps)."""
+        return strategy_from_name(self.reuse_resolved)
 
     @property
     def name(self) -> str:

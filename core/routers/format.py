@@ -4,10 +4,16 @@
                                             sigmoid(logit) > threshold means "recompute"
     metadata  format=cachekit-router, version=1, method=l2c|harmonica, family (e.g. dit),
               depth, layout (sub-layers per block, e.g. attn,mlp), sampler, num_steps,
-              timesteps (JSON list in sampling order), threshold, source
+              timesteps (JSON list in sampling order), threshold, source,
+              reuse (optional: the reuse strategy the router was trained for, core/reuse.py:
+              hold | forecast1 | forecast2; absent in files from before it = hold)
 
 Column 2i + j is block i's j-th sub-layer in `layout` (for DiT: 2i attention, 2i+1 MLP, the
 official L2C order).
+
+`reuse` is an optional field of version 1: older CacheKit versions ignore it (and run hold),
+files without it load as hold. A router's decisions were learned against its reuse, so
+applying it runs that reuse unless the caller overrides it (core/methods/router.py).
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from ..reuse import STRATEGIES
 from .sniff import wrong_content
 
 FORMAT, VERSION = "cachekit-router", "1"
@@ -39,6 +46,7 @@ class Router:
     timesteps: list[float] = field(default_factory=list)
     threshold: float = 0.1
     source: str = ""
+    reuse: str = "hold"                  # the reuse strategy it was trained for (core/reuse.py)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -69,6 +77,8 @@ class Router:
             raise RouterError(f"router lists {len(self.timesteps)} timesteps for {self.num_steps} steps")
         if not (0.0 < float(self.threshold) < 1.0):
             raise RouterError(f"router threshold must be between 0 and 1, got {self.threshold}")
+        if self.reuse not in STRATEGIES:
+            raise RouterError(f"router reuse must be one of {STRATEGIES}, got {self.reuse!r}")
 
     def recompute(self, threshold: float | None = None) -> torch.Tensor:
         """[steps, units] bool: where the router says recompute (sigmoid(logit) > threshold)."""
@@ -79,7 +89,8 @@ class Router:
         return {"format": FORMAT, "version": VERSION, "method": self.method, "family": self.family,
                 "depth": str(self.depth), "layout": ",".join(self.layout), "sampler": self.sampler,
                 "num_steps": str(self.num_steps), "timesteps": json.dumps(self.timesteps),
-                "threshold": repr(float(self.threshold)), "source": self.source}
+                "threshold": repr(float(self.threshold)), "source": self.source,
+                "reuse": self.reuse}
 
 
 def save_router(router: Router, path: str | Path) -> Path:
@@ -123,6 +134,7 @@ def load_router(path: str | Path) -> Router:
         timesteps = json.loads(meta.get("timesteps") or "[]")
         threshold = float(meta.get("threshold", "0.1"))
         layout = tuple(s for s in meta["layout"].split(",") if s)
+        reuse = meta.get("reuse", "hold")
     except (KeyError, ValueError, TypeError) as error:
         raise RouterError(f"{path.name}: router metadata is incomplete or malformed ({error})") from error
     if logits.ndim != 2 or num_steps != logits.shape[0]:
@@ -130,4 +142,4 @@ def load_router(path: str | Path) -> Router:
     if not isinstance(timesteps, list) or not all(isinstance(t, (int, float)) and math.isfinite(t) for t in timesteps):
         raise RouterError(f"{path.name}: router timesteps must be a list of numbers")
     return Router(logits.float(), meta.get("method", ""), meta.get("family", ""), depth, layout,
-                  meta.get("sampler", ""), [float(t) for t in timesteps], threshold, meta.get("source", ""))
+                  meta.get("sampler", ""), [float(t) for t in timesteps], threshold, meta.get("source", ""), reuse)

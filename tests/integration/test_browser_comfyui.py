@@ -130,6 +130,19 @@ def test_every_workflow_opens_without_missing_nodes(page):
     assert not [e for e in page.cachekit_errors if "cachekit" in e.lower()]
 
 
+def _queue_and_wait(page, comfy_server) -> dict:
+    """Queue the loaded workflow from the frontend; the CacheKit run it finishes."""
+    before = len(_get_json(f"{comfy_server}/cachekit/runs")["runs"])
+    page.evaluate("() => window.app.queuePrompt(0, 1)")
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        runs = _get_json(f"{comfy_server}/cachekit/runs")["runs"]
+        if len(runs) > before:
+            return runs[-1]
+        time.sleep(1)
+    pytest.fail("the workflow did not finish a CacheKit run within 5 minutes")
+
+
 def test_a_workflow_runs_and_the_sidebar_and_badge_show_its_hit_rate(page, comfy_server):
     _load(page, ROOT / "workflows" / "deepcache_sd15.json")
     deepcache_id = page.evaluate("""() => {
@@ -141,17 +154,7 @@ def test_a_workflow_runs_and_the_sidebar_and_badge_show_its_hit_rate(page, comfy
         }
         return g._nodes.find(n => n.type === 'CacheKitDeepCache').id;
     }""")
-    before = len(_get_json(f"{comfy_server}/cachekit/runs")["runs"])
-    page.evaluate("() => window.app.queuePrompt(0, 1)")
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        runs = _get_json(f"{comfy_server}/cachekit/runs")["runs"]
-        if len(runs) > before:
-            break
-        time.sleep(1)
-    else:
-        pytest.fail("the workflow did not finish a CacheKit run within 5 minutes")
-    run = runs[-1]
+    run = _queue_and_wait(page, comfy_server)
     assert run["node_id"] == str(deepcache_id) and run["telemetry"]["method"] == "DeepCache"
     expected = f"{round(run['telemetry']['hit_rate'] * 100)}%"
     assert run["telemetry"]["hit_rate"] > 0.3
@@ -175,6 +178,35 @@ def test_a_workflow_runs_and_the_sidebar_and_badge_show_its_hit_rate(page, comfy
     page.wait_for_timeout(500)
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "comfyui_sidebar.png"))
+    assert not [e for e in page.cachekit_errors if "cachekit" in e.lower()]
+
+
+def test_change_cache_workflow_shows_each_steps_decision_value_in_the_sidebar(page, comfy_server):
+    _load(page, ROOT / "workflows" / "change_cache_sd15.json")
+    node_id = page.evaluate("""() => {
+        const g = window.app.graph;
+        for (const n of g._nodes) {
+            const set = (name, v) => { const w = n.widgets.find(w => w.name === name); w.value = v; };
+            if (n.type === 'EmptyLatentImage') { set('width', 64); set('height', 64); }
+            if (n.type === 'KSampler') { set('steps', 8); }
+            if (n.type === 'CacheKitChangeCache') { set('threshold', 5.0); set('warmup_steps', 1); }
+        }
+        return g._nodes.find(n => n.type === 'CacheKitChangeCache').id;
+    }""")
+    run = _queue_and_wait(page, comfy_server)
+    telemetry = run["telemetry"]
+    assert run["node_id"] == str(node_id) and telemetry["method"] == "ChangeCache" and telemetry["hit_rate"] > 0
+    if not page.locator("#cachekit-sidebar").is_visible():      # an earlier test may have left it open
+        page.evaluate("() => window.app.extensionManager.sidebarTab.toggleSidebarTab('cachekit')")
+    card = page.locator(f"#cachekit-sidebar .cachekit-run[data-run-id='{run['id']}']")
+    card.wait_for(timeout=30_000)
+    text = card.locator(".cachekit-probe-values").inner_text()
+    shown = [item.split(":") for item in text.split()]
+    assert [int(step) for step, _ in shown] == list(range(8)), text
+    for (_, value), want in zip(shown, telemetry["probe_values"]):
+        assert (value == "-") if want is None else abs(float(value) - want) <= 0.006 * abs(want), (text, want)
+    assert shown[0][1] == "-" and card.locator(".cachekit-probes canvas").count() == 1
+    assert telemetry["probe_label"] in card.inner_text()
     assert not [e for e in page.cachekit_errors if "cachekit" in e.lower()]
 
 

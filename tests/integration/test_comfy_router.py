@@ -43,6 +43,47 @@ def test_router_node_applies_the_routers_decisions(comfy, router_dir, method):
     assert run.method == policy.name and run.hit_rate > 0
 
 
+def test_router_node_with_forecast_reuse_takes_the_same_decisions_with_other_values(comfy, router_dir):
+    router = _pixart_router(comfy, router_dir / "tiny_pixart_forecast.safetensors")
+    runs = {}
+    for reuse in ("hold", "forecast1", None):          # None: the input left out (a workflow saved before it)
+        params = {} if reuse is None else {"reuse": reuse}
+        g = Graph("pixart").patch("CacheKitRouter", router_name="tiny_pixart_forecast.safetensors", threshold=0.0,
+                                  **params)
+        g.sample(f"router-reuse-{reuse}", steps=STEPS, cfg=2.0)
+        comfy.run(g.prompt, comfy.fresh_executor())
+        runs[reuse] = comfy.pack("nodes.history").last()
+    from .comfy_graph import RESULTS
+    hold, forecast, default = (RESULTS[f"router-reuse-{r}"] for r in ("hold", "forecast1", None))
+    assert torch.isfinite(forecast).all() and not torch.equal(forecast, hold)
+    assert torch.equal(default, hold)                   # an older router file runs as trained: hold
+    expected = (~router.recompute()).tolist()
+    for run in runs.values():
+        assert [[r > 0 for r in row] for row in run.reused[1:]] == expected[1:] and run.hit_rate > 0
+
+
+def test_a_router_trained_for_forecast_records_it_and_runs_it_by_default(comfy, router_dir):
+    from .comfy_graph import RESULTS
+    g = Graph("pixart")
+    train = g.add("CacheKitTrainRouter", model=g.model, positive=[g.loader, 1], negative=[g.loader, 2],
+                  latent_image=[g.loader, 3], seed=3, steps=STEPS, cfg=2.0, scheduler="normal", method="harmonica",
+                  iterations=2, l1=1e-3, lr=0.05, router_name="trained_forecast", reuse="forecast1")
+    g.add("CKTestCaptureString", value=[train, 1], key="train-forecast-report")
+    comfy.run(g.prompt, comfy.fresh_executor())
+    assert "reuse forecast1" in RESULTS["train-forecast-report"]
+    router = comfy.pack("core.routers").load_router(router_dir / "trained_forecast.safetensors")
+    assert router.reuse == "forecast1"
+    for reuse in ("as trained", "forecast1", "hold"):
+        g = Graph("pixart").patch("CacheKitRouter", router_name="trained_forecast.safetensors", threshold=0.0,
+                                  reuse=reuse)
+        g.sample(f"trained-forecast-{reuse}", steps=STEPS, cfg=2.0)
+        comfy.run(g.prompt, comfy.fresh_executor())
+    as_trained, forecast, hold = (RESULTS[f"trained-forecast-{r}"] for r in ("as trained", "forecast1", "hold"))
+    assert torch.equal(as_trained, forecast) and torch.isfinite(forecast).all()
+    if (~router.recompute()[1:]).any():
+        assert not torch.equal(forecast, hold)
+
+
 def test_router_that_does_not_fit_is_refused(comfy, router_dir):
     _pixart_router(comfy, router_dir / "deep.safetensors", depth=28)
     g = Graph("pixart").patch("CacheKitRouter", router_name="deep.safetensors", threshold=0.0)
