@@ -354,9 +354,9 @@ class CacheSession:
             self._decided_step = step
             self._call_compute = self._decide(step, probe)
         if not self._call_compute:
-            stored = self._call_store.get(key)
-            if stored is not None:
-                out = decode(stored)
+            entry = self._call_store.get(key)
+            if entry is not None:
+                out = decode(self.reuse.output(entry, step))
                 if out is not None:
                     self.telemetry.reused[step][0] += call.samples
                     self.telemetry.note_skipped(step)
@@ -367,7 +367,8 @@ class CacheSession:
         out = compute()
         encoded = encode(out)
         if encoded is not None:
-            self._call_store[key] = encoded
+            previous = self._call_store.get(key) if self.reuse is not HOLD else None
+            self._call_store[key] = self.reuse.refresh(previous, encoded, step)
         self.telemetry.computed[step][0] += call.samples
         return out
 

@@ -30,7 +30,7 @@ OUTPUT_NAMES = {"CacheKitAutotune": ["MODEL", "settings", "report"], "CacheKitSt
 
 DEEPCACHE = [3, 0, "uniform", 15, 1.4, 0.0, 1.0, "hold"]  # interval, branch, schedule, center, power, start, end, reuse
 FORA = [3, 0.0, 1.0, "hold"]                              # interval, start, end, reuse
-ADAPTIVE = [0.01, 4]                                      # delta, max_skip_steps
+ADAPTIVE = [0.01, 4, "hold"]                              # delta, max_skip_steps, reuse
 CHANGE = [0.05, 2, 3, 0, 0.0, 1.0, "hold"]  # threshold, warmup_steps, max_reuse, cache_branch, start, end, reuse
 
 
@@ -127,7 +127,7 @@ def stack(name):
     w = Workflow()
     ckpt_node, pos, neg, latent = _checkpoint(w, "v1-5-pruned-emaonly-fp16.safetensors", PROMPT, NEG, 512)
     dc = w.node("CacheKitDeepCache", DEEPCACHE, pos=(700, 0), size=(320, 260), model=(ckpt_node, 0, "MODEL"))
-    ad = w.node("CacheKitAdaptiveSkip", [0.02, 2], pos=(700, 300), model=(dc, 0, "MODEL"))
+    ad = w.node("CacheKitAdaptiveSkip", [0.02, 2, "hold"], pos=(700, 300), model=(dc, 0, "MODEL"))
     ks = _sample_and_save(w, ad, pos, neg, latent, (ckpt_node, 2, "VAE"), sampler=(40, 7.0, "euler", "normal"))
     _stats(w, ad, ks)
     w.note("A stack: DeepCache reuses the deep U-Net features between full steps, and adaptive step skipping "

@@ -116,3 +116,44 @@ def test_bad_settings_are_refused():
         apply_adaptive_skip(td.unet(), delta=-1.0, scheduler=td.scheduler(4))
     with pytest.raises(ValueError, match="num_inference_steps"):
         apply_adaptive_skip(td.unet(), delta=0.01)
+
+
+class _LinearInStep(torch.nn.Module):
+    """A 'denoiser' whose output is linear in the timestep: forecast1 predicts it exactly."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(0.01))
+
+    def forward(self, sample, timestep, **kwargs):
+        t = torch.as_tensor(timestep, dtype=sample.dtype).reshape(-1)[0]
+        return (torch.ones_like(sample) * self.scale * t,)
+
+
+def test_forecast_reuse_extrapolates_a_skipped_steps_prediction():
+    steps = 14
+    outputs = {}
+    for reuse in ("hold", "forecast1"):
+        model = _LinearInStep()
+        sched = td.scheduler(steps)
+        handle = apply_adaptive_skip(model, delta=0.5, max_skip_steps=2, scheduler=sched, reuse=reuse)
+        x, outs = torch.zeros(1, 4, 8, 8), []
+        with torch.no_grad():
+            for k, t in enumerate(sched.timesteps):
+                outs.append(model(x, t)[0])
+                x = x + (k + 1) ** 0.5 * 0.01 * torch.ones_like(x)    # smooth latents: the rule skips
+        run = handle.finish_run()
+        handle.remove()
+        outputs[reuse] = (outs, run)
+    (hold, hold_run), (forecast, forecast_run) = outputs["hold"], outputs["forecast1"]
+    skipped = forecast_run.skipped_steps
+    assert skipped and skipped == hold_run.skipped_steps        # reuse never changes the decisions here
+    exact = [model_out for model_out in (_LinearInStep()(torch.zeros(1, 4, 8, 8), t)[0] for t in td.scheduler(steps).timesteps)]
+    for k in range(steps):
+        if k in skipped and k - 1 not in skipped:
+            # two computed steps before it: the extrapolation is exact, the held value is not
+            with torch.no_grad():
+                assert torch.allclose(forecast[k], exact[k].detach(), atol=1e-6)
+                assert not torch.allclose(hold[k], exact[k].detach(), atol=1e-6)
+    with pytest.raises(ValueError, match="reuse must be one of"):
+        apply_adaptive_skip(td.unet(), reuse="taylor", num_inference_steps=4)

@@ -171,7 +171,7 @@ def test_step_ticks_are_round_numbers_spaced_for_their_labels():
 
 def test_only_the_chosen_methods_controls_are_shown_with_one_line_about_it():
     expected = {"DeepCache": {"interval", "branch", "reuse"}, "FORA": {"interval", "start_percent", "reuse"},
-                "AdaptiveDiffusion": {"delta"}, "ChangeCache": {"threshold", "reuse"}, "Router": set()}
+                "AdaptiveDiffusion": {"delta", "reuse"}, "ChangeCache": {"threshold", "reuse"}, "Router": set()}
     assert set(engine.SETTINGS) == set(expected) >= {m for ms in engine.METHODS.values() for m in ms}
     for method, wanted in expected.items():
         info, *updates = panel_app._controls_for(method)
@@ -215,7 +215,7 @@ def test_the_run_record_is_plain_json_even_for_identical_images():
     result.psnr_db = float("inf")
     record = report.run_record(request, result)
     text = json.dumps(record, allow_nan=False)          # would raise on Infinity / NaN
-    assert json.loads(text)["psnr_db"] is None and record["settings"] == {"delta": 0.0}
+    assert json.loads(text)["psnr_db"] is None and record["settings"] == {"delta": 0.0, "reuse": "hold"}
     assert record["timing"]["speedup_per_round"] == pytest.approx([1.0 / 0.9, 1.2])
     assert "identical" in report.run_summary(request, result)
 

@@ -116,7 +116,7 @@ def test_the_panel_lists_exactly_the_registered_methods_with_their_words():
     # The panel keeps the controls it always had.
     assert dict(engine.SETTINGS) == {"DeepCache": ("interval", "branch", "reuse"),
                                      "FORA": ("interval", "start_percent", "reuse"),
-                                     "AdaptiveDiffusion": ("delta",), "ChangeCache": ("threshold", "reuse"),
+                                     "AdaptiveDiffusion": ("delta", "reuse"), "ChangeCache": ("threshold", "reuse"),
                                      "Router": ()}
     assert engine.method_settings(engine.Request("unet", "DeepCache", interval=4, branch=1)) == \
         {"cache_interval": 4, "cache_branch": 1, "reuse": "hold"}

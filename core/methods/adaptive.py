@@ -16,6 +16,10 @@ after step k (the initial noise is not part of the trajectory) and d_k = mean|L_
   of skips. `official_cap=True` reproduces the official decisions exactly (tests compare both).
 * One decision per step for the whole batch (the mean runs over every sample and channel).
 
+`reuse` (not in the paper): "hold" reuses the last noise prediction as published; "forecast1" /
+"forecast2" extrapolate it from the last computed steps (Taylor order 1 or 2 over the step gaps,
+core/reuse.py), which the skip decisions do not depend on.
+
 The rule is fed, step by step, the latent each step starts from: that is L_(k-1) for step k,
 so its decision for step k uses exactly the latents the official code has at that point.
 """
@@ -25,6 +29,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..reuse import strategy_from_name
+from .deepcache import check_reuse
+
 WARMUP_STEPS = 4     # the official code computes while it holds <= 3 latents
 
 
@@ -33,6 +40,7 @@ class AdaptiveConfig:
     delta: float = 0.01
     max_skip_steps: int = 4
     official_cap: bool = False     # True: the official `len(mask) > 4` cap (see the module docstring)
+    reuse: str = "hold"            # hold: the previous prediction (official); forecast1/2: extrapolated
 
     def __post_init__(self) -> None:
         if isinstance(self.delta, bool) or not isinstance(self.delta, (int, float)) or not self.delta >= 0:
@@ -43,6 +51,7 @@ class AdaptiveConfig:
                              "4 is the official default.")
         if not isinstance(self.official_cap, bool):
             raise ValueError(f"official_cap must be True or False, got {self.official_cap!r}.")
+        check_reuse(self.reuse)
 
 
 class AdaptiveSkipRule:
@@ -105,6 +114,11 @@ class AdaptivePolicy:
     level: str = "call"
     online: bool = True
     probe_label: str = "third-order latent change / first-order (skips below delta)"
+
+    @property
+    def reuse(self):
+        """How a skipped step's prediction is made from the computed ones (core/reuse.py)."""
+        return strategy_from_name(self.config.reuse)
 
     def start(self, units, num_steps: int, window: range) -> AdaptiveSkipRule:
         return AdaptiveSkipRule(self.config)

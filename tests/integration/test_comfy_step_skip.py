@@ -152,3 +152,26 @@ def test_never_more_than_max_skip_steps_skipped_in_a_row(comfy, cap):
     run = comfy.pack("nodes.history").last()
     assert run.method == "AdaptiveDiffusion" and run.skipped_steps, "the test needs skips"
     assert _longest_run(run.skipped_steps) == cap, run.skipped_steps
+
+
+def test_forecast_reuse_extrapolates_the_noise_from_the_last_two_computed_steps(comfy, monkeypatch):
+    settings = {**SKIPPY, "reuse": "forecast1"}
+    config = comfy.pack("core.methods.adaptive").AdaptiveConfig(**settings)
+    calls, _ = _record_sampler_calls(monkeypatch)
+    out = _sample(comfy, "sd15", "ad-forecast", ("CacheKitAdaptiveSkip", settings), cfg=2.5, steps=STEPS)
+    sigmas = _sigmas(comfy, STEPS)
+    decisions = _expected_decisions(comfy, calls, sigmas, config)
+    assert not all(decisions), "the test needs skips"
+    clock = comfy.pack("core.clock").StepClock(sigmas)
+    history = []        # (step, eps) of computed calls
+    for (x, sigma, denoised, _), compute in zip(calls, decisions):
+        s = sigma.view(-1, 1, 1, 1)
+        step = clock.step_of(float(sigma[0]))
+        if compute:
+            history.append((step, (x - denoised) / s))
+            continue
+        (s0, e0), (s1, e1) = history[-2], history[-1]
+        expected = e1 + (e1 - e0) / (s1 - s0) * (step - s1)      # Taylor order 1 over the step gap
+        torch.testing.assert_close(denoised, x - s * expected, rtol=0, atol=1e-4)
+        assert not torch.allclose(denoised, x - s * e1, atol=1e-4)    # not the held noise
+    assert torch.isfinite(out).all()
