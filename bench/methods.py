@@ -1,18 +1,55 @@
 """Every method the benchmark compares, CacheKit's and its peers', as one interface.
 
-A method is installed on a fresh copy of a bundled model and returns a Setup: the denoiser to
-sample with, a per-step callback (peers that need the current timestep), and CacheKit's
-telemetry where there is one. Copies keep peers' hooks from ever touching the shared model.
+A method is installed on a bundled model and returns a Setup: the denoiser to sample with, its
+scheduler (the fewer-steps baseline brings its own), a per-step callback (peers that need the
+current timestep), and CacheKit's telemetry where there is one. Hooks go on a copy of the
+model's modules that shares every parameter and buffer with the original (the same weight
+tensors, so cached and uncached runs time the same memory), which keeps peers' hooks from ever
+touching the model the uncached runs use.
+
+Origins (the `origin` of a row): "CacheKit" (every registered method at its `bench` settings),
+and the alternatives "fewer steps" (the same DDIM sampler with fewer steps), "deepcache
+(official)" (the `DeepCache` package), "cache-dit" (PyPI `cache-dit`, installed only for the
+bench: bench/requirements-bench.txt) and "diffusers" (the cache hooks of `diffusers.hooks`).
+A peer that cannot run here is still listed, with `unavailable` saying why.
 """
 from __future__ import annotations
 
 import copy
+import importlib.util
+import itertools
+import os
+import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Mapping
 
 from ..core.methods import registry
 from ..diffusers_host import registry as host
 from ..tinymodels.architectures import Denoiser
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHEKIT = "CacheKit"
+FEWER_STEPS = "fewer steps"
+OFFICIAL_DEEPCACHE = "deepcache (official)"
+CACHE_DIT = "cache-dit"
+DIFFUSERS = "diffusers"
+# Where `pip install --no-deps --target` put the bench-only packages (cache-dit); never on the
+# path of the pack itself.
+BENCH_DEPS = Path(os.environ.get("CACHEKIT_BENCH_DEPS", ROOT / ".venv" / "bench-deps"))
+BENCH_DEPS_INSTALL = "pip install --no-deps --target .venv/bench-deps -r bench/requirements-bench.txt"
+
+# diffusers.hooks (0.42) entries the bench does not run, and why.
+NOT_APPLICABLE = {
+    "TextKVCache": "caches text K/V projections (add_k_proj) of NucleusMoE image transformers; "
+                   "the bundled models have no such layers",
+    "FirstBlockCache / MagCache / SeaCache on the U-Net": "they hook a top-level list of transformer blocks; "
+                                                          "a U-Net has none",
+    "FasterCache / TaylorSeer on the U-Net": "their hooks target attention layers, a small share of this U-Net's "
+                                             "compute (its convolutions dominate); not run",
+    "LayerSkip, SmoothedEnergyGuidance": "guidance techniques, not caches",
+    "group offloading, layerwise casting, context/tensor parallel": "memory and parallelism, not caches",
+}
 
 
 @dataclass
@@ -20,22 +57,27 @@ class Setup:
     denoiser: Denoiser
     on_step: Callable[[int, Any], None] | None = None
     finish: Callable[[], Any] = lambda: None        # returns CacheKit telemetry, or None
-    wrap_call: Callable | None = None               # context around each model call (diffusers FBC)
-    scheduler: Any = None                           # set by the harness
+    wrap_call: Callable | None = None               # context around each model call (diffusers hooks)
+    scheduler: Any = None                           # the harness's, unless the method brings its own
 
 
 @dataclass(frozen=True)
 class Method:
     name: str
     setting: str
-    origin: str                                  # "CacheKit" or the peer's package
+    origin: str                                  # CACHEKIT or an alternative's origin (above)
     models: tuple[str, ...]
     install: Callable[[Denoiser, Any, int], Setup] = field(compare=False)
     key: str = ""                                # CacheKit: the method's registry key
+    settings: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    unavailable: str = ""                        # why this peer cannot run here ("" when it can)
 
 
 def _copy(denoiser: Denoiser) -> Denoiser:
-    return Denoiser(denoiser.kind, copy.deepcopy(denoiser.model))
+    """New module objects over the same parameter and buffer tensors."""
+    model = denoiser.model
+    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return Denoiser(denoiser.kind, copy.deepcopy(model, memo))
 
 
 # -- CacheKit ------------------------------------------------------------------------------
@@ -52,7 +94,7 @@ def cachekit_method(key: str, **settings) -> Method:
         d = _copy(denoiser)
         handle = host.apply(d.network, key, scheduler=scheduler, **settings)
         return Setup(d, finish=handle.finish_run)
-    return Method(spec.name, spec.label(settings), "CacheKit", _models(spec), install, key)
+    return Method(spec.name, spec.label(settings), CACHEKIT, _models(spec), install, key, dict(settings))
 
 
 def cachekit_deepcache(interval: int, branch: int) -> Method:
@@ -85,8 +127,24 @@ def cachekit_router(router, threshold: float | None = None, label: str | None = 
         d = _copy(denoiser)
         handle = host.apply(d.network, "router", router=router, threshold=threshold, scheduler=scheduler)
         return Setup(d, finish=handle.finish_run)
-    return Method(NAMES[router.method], label or (f"threshold={threshold}" if threshold else "router"), "CacheKit",
-                  _models(registry.get("router")), install, "router")
+    return Method(NAMES[router.method], label or (f"threshold={threshold}" if threshold else "router"), CACHEKIT,
+                  _models(registry.get("router")), install, "router", {"threshold": threshold})
+
+
+# -- the trivial baseline: the same sampler with fewer steps ---------------------------------
+def fewer_steps(k: int) -> Method:
+    """DDIM with k steps (same seeds, same labels), timed and scored against the full-step run."""
+    def install(denoiser, scheduler, steps):
+        from ..tinymodels.sampling import make_scheduler
+        if k >= steps:
+            raise ValueError(f"fewer steps: {k} is not fewer than the reference's {steps} steps")
+        return Setup(denoiser, scheduler=make_scheduler(k))        # the model itself: nothing is hooked
+    return Method("DDIM", f"steps={k}", FEWER_STEPS, ("dit", "unet"), install, settings={"steps": k})
+
+
+def default_fewer_steps(steps: int) -> list[int]:
+    """About a third to four fifths of the reference's steps: 8, 10, ..., 20 for 25."""
+    return sorted({k for k in (round(steps * f) for f in (0.32, 0.4, 0.48, 0.56, 0.64, 0.72, 0.8)) if 2 <= k < steps})
 
 
 # -- peers -----------------------------------------------------------------------------------
@@ -100,7 +158,9 @@ def official_deepcache(interval: int, branch: int) -> Method:
         helper.set_params(cache_interval=interval, cache_branch_id=branch)
         helper.enable()
         return Setup(_ScalarTimestep(d), finish=lambda: helper.disable())
-    return Method("DeepCache", f"N={interval} branch={branch}", "deepcache (official)", ("unet",), install)
+    unavailable = "" if importlib.util.find_spec("DeepCache") else "the DeepCache package is not installed"
+    return Method("DeepCache", f"N={interval} branch={branch}", OFFICIAL_DEEPCACHE, ("unet",), install,
+                  settings={"cache_interval": interval, "cache_branch": branch}, unavailable=unavailable)
 
 
 class _ScalarTimestep(Denoiser):
@@ -115,23 +175,30 @@ class _ScalarTimestep(Denoiser):
 
 
 class _Timestep:
-    """The current timestep, for diffusers hooks that ask for it through a callback."""
+    """The current step, timestep and flow-matching sigma, for hooks that ask for them."""
 
-    def __init__(self):
-        self.value = 999
+    def __init__(self, scheduler=None):
+        self.value, self.index, self.sigma = 999, 0, 1.0
+        self._alphas = getattr(scheduler, "alphas_cumprod", None)
 
     def __call__(self) -> int:
         return self.value
 
     def update(self, i, t):
-        self.value = int(t)
+        self.value, self.index = int(t), i
+        if self._alphas is not None:
+            # x_t = a x0 + s eps equals (a + s) * ((1 - sigma) x0 + sigma eps) with sigma = s / (a + s):
+            # the flow-matching sigma of a DDPM timestep.
+            alpha = float(self._alphas[int(t)])
+            a, s = alpha ** 0.5, (1 - alpha) ** 0.5
+            self.sigma = s / (a + s)
 
 
 def _diffusers_hook(name: str, setting: str, models: tuple[str, ...], build: Callable[[Any, _Timestep, int], None],
-                    needs_context: bool = False) -> Method:
+                    needs_context: bool = False, unavailable: str = "") -> Method:
     def install(denoiser, scheduler, steps):
         d = _copy(denoiser)
-        clock = _Timestep()
+        clock = _Timestep(scheduler)
         build(d.network, clock, steps)
         wrap = None
         if needs_context:
@@ -139,14 +206,16 @@ def _diffusers_hook(name: str, setting: str, models: tuple[str, ...], build: Cal
             net = d.network
 
             def wrap(call):
-                # What CacheMixin.cache_context does (our tiny models are not CacheMixin).
-                _set_cache_context(net, CacheContext("cond_uncond"))
+                # What CacheMixin.cache_context does (our tiny models are not CacheMixin), with the
+                # scheduler coordinates a pipeline passes (SeaCache needs them).
+                _set_cache_context(net, CacheContext("cond_uncond", step_index=clock.index, num_inference_steps=steps,
+                                                     timestep=clock.value, sigma=clock.sigma))
                 try:
                     return call()
                 finally:
                     _set_cache_context(net, None)
         return Setup(d, on_step=clock.update, wrap_call=wrap)
-    return Method(name, setting, "diffusers", models, install)
+    return Method(name, setting, DIFFUSERS, models, install, unavailable=unavailable)
 
 
 def diffusers_fbc(threshold: float) -> Method:
@@ -195,6 +264,23 @@ def diffusers_magcache(threshold: float, ratios: dict) -> Method:
         needs_context=True)
 
 
+def diffusers_seacache(threshold: float) -> Method:
+    """SeaCache (diffusers 0.42) through its generic path: the DiT's input latents as the
+    "raw vision" (one frame per image) and the DDPM timestep's flow-matching sigma."""
+    def build(net, clock, steps):
+        from diffusers.hooks import SeaCacheConfig, apply_sea_cache
+
+        def raw_vision(module, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            return [latent.unsqueeze(1) for latent in x]      # [C, T=1, H, W] per image
+        # power_exp 2: images, not video (the paper's 3 is for spatio-temporal spectra).
+        apply_sea_cache(net, SeaCacheConfig(threshold=threshold, power_exp=2.0, raw_vision_callback=raw_vision))
+    import diffusers.hooks
+    unavailable = "" if hasattr(diffusers.hooks, "apply_sea_cache") else "this diffusers has no SeaCache (0.42+)"
+    return _diffusers_hook("SeaCache", f"threshold={threshold}", ("dit",), build, needs_context=True,
+                           unavailable=unavailable)
+
+
 def calibrate_magcache(denoiser: Denoiser, steps: int, run) -> list[float]:
     """MagCache's own calibration run: its hook prints the per-step magnitude ratios at the end."""
     import contextlib
@@ -213,13 +299,59 @@ def calibrate_magcache(denoiser: Denoiser, steps: int, run) -> list[float]:
     return json.loads(found.group(1))
 
 
-def all_methods(magcache_ratios: dict | None = None) -> list[Method]:
-    methods = cachekit_methods()
-    methods += [official_deepcache(n, 0) for n in (2, 3, 5)]
+# -- cache-dit (bench-only dependency) ---------------------------------------------------------
+def _cache_dit_missing() -> str:
+    """'' when cache-dit can be imported (from the environment or BENCH_DEPS), else why not."""
+    if importlib.util.find_spec("cache_dit") is None and BENCH_DEPS.is_dir() and str(BENCH_DEPS) not in sys.path:
+        sys.path.append(str(BENCH_DEPS))      # appended: it never shadows the environment's packages
+    if importlib.util.find_spec("cache_dit") is None:
+        return f"cache-dit is not installed (install it for the bench only: {BENCH_DEPS_INSTALL})"
+    return ""
+
+
+def cachedit_dbcache(threshold: float, taylorseer_order: int = 0, warmup: int = 8) -> Method:
+    """cache-dit's DBCache (F1B0: the first block always computes; the others are reused while its
+    residual changes less than the threshold), optionally with its TaylorSeer calibrator, through
+    the adapter cache-dit registers for diffusers' DiTTransformer2DModel."""
+    def install(denoiser, scheduler, steps):
+        os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "warning")
+        missing = _cache_dit_missing()
+        if missing:
+            raise ImportError(missing)
+        import cache_dit
+        d = _copy(denoiser)
+        calibrator = (cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=taylorseer_order) if taylorseer_order
+                      else None)
+        cache_dit.enable_cache(d.model, cache_config=cache_dit.DBCacheConfig(
+            Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=threshold, max_warmup_steps=warmup,
+            num_inference_steps=steps), calibrator_config=calibrator)
+        return Setup(d)
+    name = "DBCache+TaylorSeer" if taylorseer_order else "DBCache"
+    setting = f"F1B0 t={threshold} warmup={warmup}" + (f" order={taylorseer_order}" if taylorseer_order else "")
+    return Method(name, setting, CACHE_DIT, ("dit",), install,
+                  settings={"threshold": threshold, "taylorseer_order": taylorseer_order, "warmup": warmup},
+                  unavailable=_cache_dit_missing())
+
+
+def cachedit_methods() -> list[Method]:
+    grid = [(t, order, 8) for order in (0, 1) for t in (0.1, 0.2, 0.3, 0.45)]
+    grid += [(0.2, 1, 4), (0.45, 1, 4)]
+    return [cachedit_dbcache(t, order, warmup) for t, order, warmup in grid]
+
+
+def peer_methods(magcache_ratios: dict | None = None) -> list[Method]:
+    methods = [official_deepcache(n, b) for n in (2, 3, 5) for b in (0, 1)]
     methods += [diffusers_fbc(t) for t in (0.05, 0.1, 0.2)]
     methods += [diffusers_pab(s) for s in (2, 3)]
     methods += [diffusers_fastercache(2)]
     methods += [diffusers_taylorseer(n) for n in (3, 5)]
     if magcache_ratios is not None:
         methods += [diffusers_magcache(t, magcache_ratios) for t in (0.06, 0.12)]
+    methods += [diffusers_seacache(t) for t in (0.15, 0.25, 0.35, 0.5, 1.0)]
+    methods += cachedit_methods()
     return methods
+
+
+def all_methods(magcache_ratios: dict | None = None, fewer: list[int] | None = None) -> list[Method]:
+    """CacheKit's rows, the fewer-steps baseline at `fewer` step counts, and every peer."""
+    return cachekit_methods() + [fewer_steps(k) for k in fewer or ()] + peer_methods(magcache_ratios)

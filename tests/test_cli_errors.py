@@ -68,6 +68,9 @@ def cases(f: dict[str, Path]) -> list[tuple[str, list[str], tuple[str, ...]]]:
         ("benchmark", ["--methods", "Magic"], ("--methods", "invalid choice", "DeepCache")),
         ("benchmark", ["--steps", "0"], ("--steps", "at least 2")),
         ("benchmark", ["--steps", "3", "--interval", "3"], ("--steps (3) must be greater than --interval (3)",)),
+        # merge_peers
+        ("merge_peers", [str(d / "missing.json"), str(d / "missing.json"), "--out", str(d)], ("missing.json",)),
+        ("merge_peers", [str(f["text.pt"]), str(f["text.pt"]), "--out", str(d)], ("text.pt", "not a benchmark")),
         # bench_peers
         ("bench_peers", ["--steps", "0"], ("--steps",)),
         ("bench_peers", ["--only", "Magic"], ("unknown method Magic", "FORA")),

@@ -453,7 +453,8 @@ register(MethodSpec(
     ladder=_adaptive_ladder,
     bench=(*({"delta": d, "max_skip_steps": 4} for d in (0.01, 0.05, 0.2)),
            *({"delta": d, "max_skip_steps": 2} for d in (0.02, 0.05)),
-           *({"delta": d, "max_skip_steps": m, "reuse": "forecast1"} for d, m in ((0.02, 2), (0.05, 2), (0.05, 4)))),
+           *({"delta": d, "max_skip_steps": m, "reuse": "forecast1"} for d, m in ((0.02, 2), (0.05, 2), (0.05, 4))),
+           {"delta": 0.02, "max_skip_steps": 2, "reuse": "forecast2"}),
     node=NodeSpec("CacheKitAdaptiveSkip", "Adaptive Step Skip (CacheKit)",
                   "AdaptiveDiffusion for any model: a step reuses the previous noise prediction when the latents "
                   "change smoothly (third-order difference small against the first-order one). A skipped step runs "
