@@ -6,7 +6,6 @@ import itertools
 import json
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -17,29 +16,10 @@ gr = pytest.importorskip("gradio", reason="gradio is not installed (pip install 
 from cachekit.panel import app as panel_app  # noqa: E402
 from cachekit.panel import charts, engine, pictures, report  # noqa: E402
 from cachekit.core.heatmap import block_heatmap, block_means, heatmap_image  # noqa: E402
+from panel_server import free_port as _free_port, png as _png, server  # noqa: E402,F401
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 ARGS = ("unet", "DeepCache", 3, 0, "triangle", 5, 6, 3.0, 2, 0.05, 0.2, 1, "hold")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server():
-    app = panel_app.build().queue()
-    port = _free_port()
-    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{port}/"
-    app.close()
-
-
-def _png(path) -> np.ndarray:
-    from PIL import Image
-    return np.asarray(Image.open(path).convert("RGB"))
 
 
 def test_api_returns_the_images_hit_rates_and_json_of_a_direct_run(server):

@@ -8,7 +8,6 @@ import json
 import math
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ from cachekit.core.autotune import Trial, TuneResult, choose  # noqa: E402
 from cachekit.core.methods import registry  # noqa: E402
 from cachekit.panel import app as panel_app  # noqa: E402
 from cachekit.panel import charts, report, tuning  # noqa: E402
+from panel_server import png as _png, server  # noqa: E402,F401
 
 # FORA on the tiny DiT: interval 2 from 20 % of the steps is the best PSNR of the three; it is
 # tried twice, so the slower of the two equal-PSNR twins is dominated (never on the frontier).
@@ -27,12 +27,6 @@ TWIN = {"interval": 2, "start_percent": 0.2, "reuse": "hold"}
 SHORT_LADDER = [[dict(TWIN), {"interval": 3, "start_percent": 0.0, "reuse": "hold"}, dict(TWIN)]]
 # model, method, target, value, steps, images, max candidates: a tune of about 2 s on one core.
 ARGS = ("dit", "FORA", "psnr", 1.0, 6, 1, 8)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(autouse=True)
@@ -53,20 +47,6 @@ def short_ladder(monkeypatch):
         return [[dict(c) for c in ladder] for ladder in SHORT_LADDER]
     monkeypatch.setattr(host_autotune, "ladders", ladders)
     return asked
-
-
-@pytest.fixture(scope="module")
-def server():
-    app = panel_app.build().queue()
-    port = _free_port()
-    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{port}/"
-    app.close()
-
-
-def _png(path) -> np.ndarray:
-    from PIL import Image
-    return np.asarray(Image.open(path).convert("RGB"))
 
 
 def _dominated(i: int, trials: list[dict]) -> bool:
