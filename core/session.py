@@ -140,7 +140,7 @@ class CacheSession:
             self._region_rows = self._needed_rows = None
             if self.level == "unit":
                 skip = policy.skip_row(units)
-                regions = [all(skip[m] for m in region.members) for region in units.regions]
+                regions = _region_row(units, skip)
                 needed = _needed_rows(units, [skip])[0]
                 self._keep, self._placeholder, self._keep_region = _storage_needs(units, [skip], [needed], [regions])
                 self._skip_rows = (skip, regions, needed)
@@ -151,8 +151,7 @@ class CacheSession:
                 self._placeholder = [False] * n
         else:
             self.plan = policy.plan(units, clock.num_steps, window)
-            self._region_rows = [[all(row[m] for m in region.members) for region in units.regions]
-                                 for row in self.plan]
+            self._region_rows = [_region_row(units, row) for row in self.plan]
             self._needed_rows = _needed_rows(units, self.plan)
             self._keep, self._placeholder, self._keep_region = _storage_needs(
                 units, self.plan, self._needed_rows, self._region_rows)
@@ -425,6 +424,11 @@ def _first_tensor(value: Tree) -> torch.Tensor:
     while not isinstance(value, torch.Tensor):
         value = value[0] if isinstance(value, (tuple, list)) else next(iter(value.values()))
     return value
+
+
+def _region_row(units: UnitMap, row: list[bool]) -> list[bool]:
+    """[region]: every member of the region is reused in this row (skip it with one lookup)."""
+    return [all(row[m] for m in region.members) for region in units.regions]
 
 
 def _needed_rows(units: UnitMap, plan: list[list[bool]]) -> list[list[bool]]:
