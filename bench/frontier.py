@@ -169,15 +169,22 @@ def _who(brief: dict | None) -> str:
         else f"{brief['method']} {brief['setting']}"
 
 
+def _images(meta: dict) -> str:
+    by_model = meta.get("images_by_model")
+    if by_model and len(set(by_model.values())) > 1:
+        return ", ".join(f"{model}: {n}" for model, n in sorted(by_model.items()))
+    return str(meta.get("images", "?"))
+
+
 def to_markdown(result: dict) -> str:
     meta = result.get("meta") or {}
     lines = ["# Pareto frontier: CacheKit vs. alternatives on the bundled models", ""]
     if meta:
         lines += [f"Command: `{meta.get('command', '?')}` ({meta.get('date', '?')}, "
                   f"{meta.get('runtime_min', '?')} min; "
-                  f"{meta.get('images', '?')} images, {meta.get('steps', '?')} DDIM steps, CFG {meta.get('cfg', '?')}; "
-                  f"{meta.get('rounds', '?')} round(s) x {meta.get('passes', '?')} passes, process CPU time, one "
-                  f"thread).", ""]
+                  f"{_images(meta)} images, {meta.get('steps', '?')} DDIM steps, CFG {meta.get('cfg', '?')}; "
+                  f"{meta.get('rounds', '?')} round(s) x {meta.get('passes', '?')} passes, CPU time of uncached and "
+                  f"method in lockstep, one thread).", ""]
     lines += ["**Speed used for the frontier and the bands: the lower (more conservative) of the two passes' "
               "speedups for CacheKit rows, the higher for every alternative.** PSNR, SSIM and class accuracy are "
               "against the full-step uncached images (same seeds, same labels). P = Pareto-optimal in speed vs. "

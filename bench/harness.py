@@ -7,18 +7,23 @@ Rows: every registered CacheKit method at its `bench` settings (core/methods/reg
 same DDIM sampler with fewer steps, the official DeepCache package (branches 0 and 1), cache-dit
 (DBCache with and without TaylorSeer) and diffusers' cache hooks (bench/methods.py). Per row:
 
-* speed: process CPU time (`time.process_time()`, one thread) of the whole sampling. In each
-  round the uncached run (the full-step sampler on the model) and the method's run alternate in
-  order; the round's ratio is uncached / method. A pass measures every method for `rounds`
-  rounds; the whole measurement runs `passes` times (the second pass in reverse method order),
-  and each pass's speedup (median of its rounds) is reported, with whether the passes agree
-  within the tolerance (default +-5 %). `speedup` is the median over every round of every pass;
-  wall-clock ratios are reported too. Every uncached run must reproduce the reference images bit
-  for bit (a check that no peer's hook touched the model).
+* speed: CPU time, one thread. In each round the uncached run (the full-step sampler on the
+  model) and the method's run go in lockstep: two threads take turns, one model call (with the
+  sampler's work after it) at a time, and each run's CPU time (`time.thread_time()`) and wall
+  time are summed over its own turns. glibc's allocator is set so that every run is served the
+  same way (`steady_malloc`: its defaults made a run's speed depend on which thread started
+  first and on per-thread arenas, by up to 40 %). Whatever else the machine does then slows
+  both runs alike, so their ratio (uncached / method) holds on a shared machine. A pass measures every method for `rounds` rounds; the whole
+  measurement runs `passes` times (the second pass in reverse method order), and each pass's
+  speedup (median of its rounds) is reported, with whether the passes agree within the
+  tolerance (default +-5 %). `speedup` is the median over every round of every pass; wall-clock
+  ratios are reported too. Every uncached run must reproduce the reference images bit for bit
+  (a check that no peer's hook touched the model).
 * FLOPs executed vs. uncached (torch FlopCounterMode over the whole sampling, the same measure
   for every method; this run also warms the method up), PSNR and SSIM of the images vs. the
   full-step uncached images, class accuracy by the bundled classifier, peak memory above the
-  idle process, CacheKit's hit rate.
+  idle process (the images and the memory come from one untimed run of the method alone),
+  CacheKit's hit rate.
 
 A peer that cannot run here (not installed, or its install fails) is a row with `status`
 "unavailable: <why>", never silently left out. Writes `peers.md`, `peers.json`, `peers.png`
@@ -32,7 +37,9 @@ import json
 import platform
 import statistics
 import sys
+import threading
 import time
+from typing import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -50,7 +57,7 @@ from ..core.routers import Router, load_any
 from ..tinymodels.shapes import NUM_CLASSES
 from .cli import existing_file, float_in, int_at_least, run_cli
 from .methods import (CACHEKIT, Method, Setup, all_methods, cachekit_router, calibrate_magcache, default_fewer_steps,
-                      diffusers_magcache)
+                      diffusers_magcache, dydit_methods)
 from .plot import scatter
 
 TOLERANCE = 0.05           # passes agree when max / min - 1 <= this
@@ -68,11 +75,125 @@ class _Wrapped(Denoiser):
         return self._wrap(lambda: self._inner(x, t, labels))
 
 
-def _run(setup: Setup | None, base: Denoiser, labels, steps, cfg, seed) -> torch.Tensor:
+class Turns:
+    """Runs in threads that take turns on the CPU, one model call at a time.
+
+    A run's turn starts at its model call and lasts until its next one (the sampler's work in
+    between included). Each run's CPU time (its thread's `time.thread_time`) and wall time are
+    summed over its own turns; a waiting thread is blocked and costs nothing. A run that is
+    alone (the other finished, e.g. fewer steps) keeps the turn."""
+
+    def __init__(self, names: list[str]):
+        self._cond = threading.Condition()
+        self._active = list(names)
+        self._holder = names[0]
+        self._open: dict[str, tuple[float, float]] = {}
+        self.turns: dict[str, list[tuple[float, float]]] = {n: [] for n in names}   # (cpu, wall) per turn
+
+    def take(self, me: str) -> None:
+        with self._cond:
+            if me in self._open:                       # my turn is running: hand it on
+                others = [n for n in self._active if n != me]
+                if not others:
+                    return
+                self._close(me)
+                self._holder = others[0]
+                self._cond.notify_all()
+            self._cond.wait_for(lambda: self._holder == me)
+            self._open[me] = (time.thread_time(), time.perf_counter())
+
+    def finish(self, me: str) -> None:
+        with self._cond:
+            if me in self._open:
+                self._close(me)
+            self._active.remove(me)
+            if self._holder == me:
+                self._holder = self._active[0] if self._active else None
+                self._cond.notify_all()
+
+    def _close(self, me: str) -> None:
+        cpu, wall = self._open.pop(me)
+        self.turns[me].append((time.thread_time() - cpu, time.perf_counter() - wall))
+
+    @property
+    def cpu(self) -> dict[str, float]:
+        return {n: sum(c for c, _ in turns) for n, turns in self.turns.items()}
+
+    @property
+    def wall(self) -> dict[str, float]:
+        return {n: sum(w for _, w in turns) for n, turns in self.turns.items()}
+
+
+class _TakingTurns(Denoiser):
+    """Each model call first waits for its run's turn."""
+
+    def __init__(self, inner: Denoiser, turns: Turns, name: str):
+        super().__init__(inner.kind, inner.model)
+        self._inner, self._turns, self._name = inner, turns, name
+
+    def __call__(self, x, t, labels):
+        self._turns.take(self._name)
+        return self._inner(x, t, labels)
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
+
+
+def steady_malloc(timing: bool) -> bool:
+    """Make glibc's allocator behave the same for every run (False where libc is not glibc).
+
+    Measured here, a run's CPU time depended on how glibc served the sampler's buffers: with one
+    arena per thread, two threads running the same sampling differed by up to 18 %; with one
+    arena, whichever run of a lockstep pair started first was up to 40 % slower for the whole
+    run, because glibc's dynamic mmap threshold left it with fresh mmapped (page-faulting)
+    buffers on every call while the other reused heap memory. Timing (`timing=True`): one arena,
+    buffers up to 32 MiB from the heap, freed memory kept (no page faults after the first
+    round); pairs then agree within a few percent in either order. Otherwise (memory
+    measurement): glibc's default 128 KiB thresholds, fixed, so big buffers are mmapped and the
+    resident size follows what is live."""
+    try:
+        import ctypes
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    big = (32 << 20, 1 << 30) if timing else (128 << 10, 128 << 10)
+    return all(mallopt(option, value) == 1 for option, value in
+               ((_M_ARENA_MAX, 1), (_M_MMAP_THRESHOLD, big[0]), (_M_TRIM_THRESHOLD, big[1])))
+
+
+def lockstep(runs: dict[str, Callable[[Callable[[Denoiser], Denoiser]], torch.Tensor]]):
+    """Run each `runs[name](wrap)` in its own thread, taking turns per model call (the first
+    name starts). `wrap` is applied to the run's outermost denoiser. Returns (outputs, Turns).
+    The allocator is set for timing (`steady_malloc`); measure memory after `steady_malloc(False)`."""
+    steady_malloc(timing=True)
+    turns, outputs, errors = Turns(list(runs)), {}, {}
+
+    def go(name, run):
+        try:
+            turns.take(name)
+            outputs[name] = run(lambda d: _TakingTurns(d, turns, name))
+        except BaseException as error:      # noqa: BLE001 - re-raised in the caller's thread
+            errors[name] = error
+        finally:
+            turns.finish(name)
+
+    gc.collect()
+    threads = [threading.Thread(target=go, args=item, daemon=True) for item in runs.items()]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise next(iter(errors.values()))
+    return outputs, turns
+
+
+def _run(setup: Setup | None, base: Denoiser, labels, steps, cfg, seed, wrap=None) -> torch.Tensor:
+    wrap = wrap or (lambda d: d)
     if setup is None:
-        return sample(base, labels, steps=steps, cfg=cfg, seed=seed, scheduler=make_scheduler(steps))
+        return sample(wrap(base), labels, steps=steps, cfg=cfg, seed=seed, scheduler=make_scheduler(steps))
     denoiser = _Wrapped(setup.denoiser, setup.wrap_call) if setup.wrap_call else setup.denoiser
-    return sample(denoiser, labels, steps=len(setup.scheduler.timesteps), cfg=cfg, seed=seed,
+    return sample(wrap(denoiser), labels, steps=len(setup.scheduler.timesteps), cfg=cfg, seed=seed,
                   scheduler=setup.scheduler, on_step=setup.on_step)
 
 
@@ -114,14 +235,6 @@ def _flops(run) -> float:
     return float(counter.get_total_flops())
 
 
-def _timed(run):
-    """(process CPU seconds, wall seconds, output) of one sampling."""
-    gc.collect()
-    wall, cpu = time.perf_counter(), time.process_time()
-    out = run()
-    return time.process_time() - cpu, time.perf_counter() - wall, out
-
-
 def passes_agree(speedups: list[float], tolerance: float = TOLERANCE) -> bool | None:
     """Whether the passes' speedups agree within +-tolerance (max / min - 1); None for one pass."""
     values = [s for s in speedups if s is not None]
@@ -151,6 +264,7 @@ def bench_model(kind: str, methods: list[Method], *, steps: int, images: int, cf
                 progress: bool = True) -> list[dict]:
     """One row per method that fits `kind` (uncached first). `repeats` is the old name of `rounds`."""
     rounds = rounds or repeats or 1
+    steady_malloc(timing=False)          # memory is measured with glibc's default thresholds, fixed
     base, classifier = load(kind), load_classifier()
     labels = torch.arange(images) % NUM_CLASSES
     run_plain = lambda: _run(None, base, labels, steps, cfg, seed)
@@ -189,11 +303,16 @@ def bench_model(kind: str, methods: list[Method], *, steps: int, images: int, cf
             setup = _install(method, base, steps)
             flops = _flops(lambda: _run(setup, base, labels, steps, cfg, seed))
             setup.finish()
+            setup = _install(method, base, steps)          # the images and memory: the method alone, untimed
+            output = []
+            memory = _peak_memory(lambda: output.append(_run(setup, base, labels, steps, cfg, seed)))
+            telemetry = setup.finish()
         except Exception as error:      # noqa: BLE001 - a peer that cannot run here becomes a row saying why
             failed(i, method, error)
             continue
         state[i] = {"flops": flops, "cpu": [[] for _ in range(passes)], "wall": [[] for _ in range(passes)],
-                    "cached_cpu": [], "plain_cpu": [], "output": None, "telemetry": None, "memory": float("nan")}
+                    "cached_cpu": [], "plain_cpu": [], "output": output[0], "telemetry": telemetry,
+                    "memory": memory}
 
     runnable = [i for i in range(len(methods)) if i in state]
     bar = tqdm(total=passes * rounds * len(runnable), desc=f"{kind}: timing", unit="round", disable=not progress)
@@ -202,28 +321,19 @@ def bench_model(kind: str, methods: list[Method], *, steps: int, images: int, cf
             method, st = methods[i], state[i]
             for r in range(rounds):
                 setup = _install(method, base, steps)
-                order = ("plain", "cached") if (p + r) % 2 == 0 else ("cached", "plain")
-                times = {}
-                for which in order:
-                    if which == "cached":
-                        measure_memory = st["output"] is None and _reset_peak()
-                        before = _rss_mib("VmRSS") if measure_memory else None
-                        cpu, wall, out = _timed(lambda: _run(setup, base, labels, steps, cfg, seed))
-                        if measure_memory:
-                            st["memory"] = _rss_mib("VmHWM") - before
-                        if st["output"] is None:
-                            st["output"] = out
-                    else:
-                        cpu, wall, out = _timed(run_plain)
-                        if not torch.equal(out, reference):
-                            raise RuntimeError(f"the uncached run changed after {method.origin} {method.name} "
-                                               f"{method.setting}: something touched the shared model")
-                    times[which] = (cpu, wall)
-                st["telemetry"] = setup.finish()
-                st["cpu"][p].append(times["plain"][0] / times["cached"][0])
-                st["wall"][p].append(times["plain"][1] / times["cached"][1])
-                st["cached_cpu"].append(times["cached"][0])
-                st["plain_cpu"].append(times["plain"][0])
+                runs = {"plain": lambda wrap: _run(None, base, labels, steps, cfg, seed, wrap),
+                        "cached": lambda wrap: _run(setup, base, labels, steps, cfg, seed, wrap)}
+                if (p + r) % 2:
+                    runs = dict(reversed(runs.items()))         # alternate which run starts
+                outputs, turns = lockstep(runs)
+                setup.finish()
+                if not torch.equal(outputs["plain"], reference):
+                    raise RuntimeError(f"the uncached run changed after {method.origin} {method.name} "
+                                       f"{method.setting}: something touched the shared model")
+                st["cpu"][p].append(turns.cpu["plain"] / turns.cpu["cached"])
+                st["wall"][p].append(turns.wall["plain"] / turns.wall["cached"])
+                st["cached_cpu"].append(turns.cpu["cached"])
+                st["plain_cpu"].append(turns.cpu["plain"])
                 bar.update()
     bar.close()
 
@@ -330,7 +440,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--fewer-steps: {too_many[0]} is not fewer than --steps ({args.steps})")
     routers = [(load_any(path), threshold) for path, threshold in args.router]
     router_methods = [cachekit_router(router, threshold) for router, threshold in routers]
-    everything = all_methods(magcache_ratios={}, fewer=fewer) + router_methods
+    everything = all_methods(magcache_ratios={}, fewer=fewer) + dydit_methods() + router_methods
     known = sorted({m.name for m in everything})
     unknown = sorted(set(args.only or ()) - set(known))
     if unknown:
@@ -356,8 +466,9 @@ def write_results(rows: list[dict], meta: dict, out: Path, frontier: bool = True
 
 def _meta_lines(meta: dict) -> str:
     return (f"Command: `{meta['command']}`  \n"
-            f"Measured {meta['date']} on {meta['machine']}; took {meta['runtime_min']} min. Speed: process CPU time, "
-            f"one thread, {meta['rounds']} interleaved round(s) per method in each of {meta['passes']} passes; "
+            f"Measured {meta['date']} on {meta['machine']}; took {meta['runtime_min']} min. Speed: CPU time, one "
+            f"thread, uncached and method in lockstep (turns per model call), {meta['rounds']} round(s) per method "
+            f"in each of {meta['passes']} passes; "
             f"`speedup_passes` lists each pass, `passes_agree` whether they agree within +-{meta['tolerance']:.0%}. "
             f"Quality vs. the {meta['steps']}-step uncached images ({meta['images']} images, CFG {meta['cfg']}).\n")
 

@@ -6,6 +6,8 @@ tables and the frontier:
 A partial row replaces the full run's row of the same model, origin, method and setting (a
 re-measured setting) or is added (a new one). Each row was measured against its own interleaved
 uncached runs, so rows of separate runs compare as ratios; the meta records every source.
+A partial run of a model the base run lacks (`--models unet` merged into a `--models dit` run)
+brings that model whole, uncached row included, and its image count (`images_by_model`).
 """
 from __future__ import annotations
 
@@ -21,14 +23,22 @@ def _key(row: dict) -> tuple:
     return row["model"], row["origin"], row["method"], row["setting"]
 
 
+def _models(rows: list[dict]) -> set[str]:
+    return {r["model"] for r in rows}
+
+
 def merge(base: dict, partials: list[dict]) -> dict:
     rows = list(base["rows"])
     index = {_key(r): i for i, r in enumerate(rows)}
     meta = dict(base.get("meta", {}))
     merged_from = list(meta.get("merged", []))
+    images_by_model = dict(meta.get("images_by_model") or {m: meta.get("images") for m in _models(rows)})
     for partial in partials:
+        new_models = _models(partial["rows"]) - _models(rows)
+        for model in new_models:
+            images_by_model[model] = partial.get("meta", {}).get("images")
         for row in partial["rows"]:
-            if row["method"] == UNCACHED:
+            if row["method"] == UNCACHED and row["model"] not in new_models:
                 continue
             if _key(row) in index:
                 rows[index[_key(row)]] = row
@@ -37,6 +47,8 @@ def merge(base: dict, partials: list[dict]) -> dict:
                 rows.append(row)
         merged_from.append(partial.get("meta", {}).get("command", "?") + f" ({partial.get('meta', {}).get('date', '?')})")
     meta["merged"] = merged_from
+    meta["images_by_model"] = images_by_model
+    meta["models"] = sorted(_models(rows))
     meta["command"] = meta.get("command", "?") + "; merged: " + "; ".join(merged_from)
     return {"meta": meta, "rows": rows}
 

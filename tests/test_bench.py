@@ -1,4 +1,6 @@
 """Benchmark harness pieces: metrics, a tiny end-to-end run, and CacheKit vs. the official DeepCache."""
+import time
+
 import pytest
 import torch
 
@@ -130,6 +132,55 @@ def test_repeatability_flags_passes_more_than_five_percent_apart():
             _row("diffusers", 30.0, [2.0, 2.0], passes_agree=True)]
     result = frontier.build(rows)
     assert [u["speedup_passes"] for u in result["passes_disagree"]] == [[2.0, 2.3]]
+
+
+class _Counting(harness.Denoiser):
+    """A fake denoiser that logs which run called it and sleeps (wall time, no CPU)."""
+
+    def __init__(self, name, log, sleep=0.0):
+        super().__init__("dit", None)
+        self.name, self.log, self.sleep = name, log, sleep
+
+    def __call__(self, x, t, labels):
+        self.log.append(self.name)
+        if self.sleep:
+            time.sleep(self.sleep)
+        return x
+
+
+def _calls(name, n, log, sleep=0.0):
+    def run(wrap):
+        denoiser = wrap(_Counting(name, log, sleep))
+        for _ in range(n):
+            denoiser(None, None, None)
+        return n
+    return run
+
+
+def test_lockstep_runs_take_turns_per_model_call_and_the_longer_one_finishes_alone():
+    log = []
+    outputs, turns = harness.lockstep({"a": _calls("a", 3, log), "b": _calls("b", 5, log)})
+    assert outputs == {"a": 3, "b": 5}
+    assert log == ["a", "b", "a", "b", "a", "b", "b", "b"]
+    log.clear()
+    harness.lockstep({"b": _calls("b", 2, log), "a": _calls("a", 2, log)})
+    assert log == ["b", "a", "b", "a"]
+
+
+def test_lockstep_counts_each_runs_own_turns_and_not_its_waiting():
+    log = []
+    _, turns = harness.lockstep({"sleepy": _calls("sleepy", 4, log, sleep=0.05), "quick": _calls("quick", 4, log)})
+    assert turns.wall["sleepy"] >= 0.2                   # its own sleeps, inside its turns
+    assert turns.wall["quick"] < 0.1                     # the other run's sleeps are not its time
+    assert turns.cpu["sleepy"] < 0.1                     # sleeping is wall time, not CPU time
+
+
+def test_lockstep_reraises_a_runs_error_without_hanging():
+    def broken(wrap):
+        wrap(_Counting("x", []))(None, None, None)
+        raise ValueError("boom")
+    with pytest.raises(ValueError, match="boom"):
+        harness.lockstep({"ok": _calls("ok", 5, []), "broken": broken})
 
 
 def test_the_bench_lists_every_baseline():

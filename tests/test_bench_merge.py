@@ -32,3 +32,22 @@ def test_partial_rows_replace_the_same_setting_and_add_new_ones(tmp_path):
     main([str(tmp_path / "base.json"), str(tmp_path / "partial.json"), "--out", str(tmp_path / "out")])
     frontier = (tmp_path / "out" / "frontier.md").read_text()
     assert "delta=0.02 reuse=forecast1" in frontier and (tmp_path / "out" / "peers.json").exists()
+
+
+def test_a_run_of_another_model_comes_whole_with_its_uncached_row_and_image_count(tmp_path):
+    base = {"meta": {"command": "dit run", "steps": 25, "images": 24, "cfg": 3.0, "rounds": 1, "passes": 2,
+                     "tolerance": 0.05, "date": "d", "machine": "m", "runtime_min": 1, "models": ["dit"]},
+            "rows": [_row("dit", "uncached", "steps=25", float("inf"), 1.0, "-"),
+                     _row("dit", "FORA", "N=2", 14.0, 1.5)]}
+    unet = {"meta": {"command": "unet run", "date": "d2", "images": 12, "models": ["unet"]},
+            "rows": [_row("unet", "uncached", "steps=25", float("inf"), 1.0, "-"),
+                     _row("unet", "DeepCache", "N=3", 25.0, 2.3)]}
+    merged = merge(base, [unet])
+    assert sorted((r["model"], r["method"]) for r in merged["rows"]) == [
+        ("dit", "FORA"), ("dit", "uncached"), ("unet", "DeepCache"), ("unet", "uncached")]
+    assert merged["meta"]["images_by_model"] == {"dit": 24, "unet": 12}
+    assert merged["meta"]["models"] == ["dit", "unet"]
+    (tmp_path / "base.json").write_text(json.dumps(base))
+    (tmp_path / "unet.json").write_text(json.dumps(unet))
+    main([str(tmp_path / "base.json"), str(tmp_path / "unet.json"), "--out", str(tmp_path / "out")])
+    assert "dit: 24, unet: 12 images" in (tmp_path / "out" / "frontier.md").read_text()
