@@ -2,7 +2,8 @@
 
 ComfyUI loads this folder as a custom node pack (V3 entry point below). The same engine is
 usable on diffusers models: `apply_deepcache`, `apply_fora`, `apply_adaptive_skip`,
-`apply_change_cache`, `apply_router`, `apply` (any method by key), `autotune_diffusers`, `remove_cache`.
+`apply_change_cache`, `apply_router`, `apply` (any method by key), `autotune_diffusers`, `remove_cache`,
+`apply_dydit` (DyDiT: dynamic heads / MLP groups / tokens).
 Only relative imports here: ComfyUI has top-level modules named `nodes`, and this pack must
 never shadow them.
 """
@@ -14,6 +15,8 @@ __version__ = "0.1.0"
 if __package__:
     from .diffusers_host import (CacheHandle, StepSkipHandle, apply, apply_adaptive_skip, apply_change_cache,
                                  apply_deepcache, apply_fora, apply_router, autotune_diffusers, remove_cache)
+    from .diffusers_host import (DyDiTHandle, apply_dydit, dit_from_official, load_dydit, save_dydit,
+                                 use_official_timestep_embedding)
 
 
 async def comfy_entrypoint():
@@ -23,4 +26,5 @@ async def comfy_entrypoint():
 
 __all__ = ["CacheHandle", "StepSkipHandle", "apply", "apply_change_cache", "apply_deepcache", "apply_fora",
            "apply_adaptive_skip", "apply_router", "remove_cache", "autotune_diffusers", "comfy_entrypoint",
-           "WEB_DIRECTORY"]
+           "WEB_DIRECTORY", "DyDiTHandle", "apply_dydit", "dit_from_official", "load_dydit", "save_dydit",
+           "use_official_timestep_embedding"]

@@ -324,8 +324,9 @@ def apply_router(target: Any, router: Any, *, threshold: float | None = None, sc
 
 def remove_cache(target: Any) -> None:
     """Remove every CacheKit method applied to the model (no-op if none)."""
+    from .dydit import DYDIT_ATTR          # dydit imports this module
     model, _ = _resolve(target, None)
-    for attr in (STEP_SKIP_ATTR, _HANDLE_ATTR):
+    for attr in (STEP_SKIP_ATTR, _HANDLE_ATTR, DYDIT_ATTR):
         handle = getattr(model, attr, None)
         if handle is not None:
             handle.remove()
