@@ -14,7 +14,7 @@ and belongs to step i + 1, the noise level it actually sees, and shares that ste
 from __future__ import annotations
 
 from bisect import bisect_right
-from typing import Sequence
+from typing import Iterable, Sequence
 
 
 class StepClock:
@@ -54,3 +54,35 @@ def window_from_percent(num_steps: int, start_percent: float, end_percent: float
     first = next((i for i in range(num_steps) if i / num_steps >= start_percent), num_steps)
     last = max((i for i in range(num_steps) if i / num_steps < end_percent), default=-1)
     return range(first, last + 1) if last >= first else range(0)
+
+
+def _close(a: float, b: float, rtol: float = 1e-4, atol: float = 1e-6) -> bool:
+    return abs(a - b) <= atol + rtol * abs(b)
+
+
+def locate_run(run: Sequence[float], schedules: Iterable[Sequence[float]], *, allow_offset: bool = True,
+               unique: bool = False) -> tuple[list[float], int] | None:
+    """The first schedule that holds a run's sigmas as a contiguous slice, and where it starts.
+
+    Two samplers can split one schedule (ComfyUI's KSamplerAdvanced start/end steps, SplitSigmas):
+    each then sees only its part, so its step numbers, its window and its method's countdown
+    would start from 0. Finding the schedule its sigmas are a slice of gives the step numbers of
+    the whole schedule. allow_offset False: only a slice at the schedule's start (a run that
+    starts from fresh noise is never the continuation of another one). unique: every schedule
+    that holds the run must agree on its length and the run's place in it, else None (the first
+    part of ComfyUI's "normal" N-step schedule is also the first part of "sgm_uniform" at N - 1
+    steps: nothing in the sigmas tells them apart). None when no schedule holds the run."""
+    run = [float(s) for s in run]
+    m = len(run)
+    found = None
+    for full in schedules:
+        full = [float(s) for s in full]
+        starts = range(len(full) - m + 1) if allow_offset else range(min(1, len(full) - m + 1))
+        for j in starts:
+            if all(_close(full[j + i], run[i]) for i in range(m)):
+                if not unique:
+                    return full, j
+                if found is not None and (len(found[0]), found[1]) != (len(full), j):
+                    return None
+                found = found or (full, j)
+    return found

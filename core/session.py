@@ -118,14 +118,25 @@ def _scale_batch(specs: Tree, multiply: int, divide: int) -> Tree:
 
 class CacheSession:
     def __init__(self, owner: str, units: UnitMap, policy: Policy, clock: StepClock, window: range, *,
-                 unit_timer: Callable[[int, float], None] | None = None):
-        """unit_timer(index, seconds): called after each computed unit (scripts/benchmark.py)."""
+                 unit_timer: Callable[[int, float], None] | None = None, run_steps: range | None = None,
+                 notes: Iterable[str] = ()):
+        """unit_timer(index, seconds): called after each computed unit (scripts/benchmark.py).
+
+        run_steps: the steps of the clock's schedule this run samples, when it samples only part
+        of it (two samplers splitting one schedule, e.g. Wan 2.2's high- and low-noise experts):
+        step numbers, a static plan and the telemetry then cover the whole schedule, and this
+        session computes its first step (nothing before it is this run's to reuse) and every step
+        outside it. Online policies see the window cut to the run. notes: for the run record."""
         self.owner = owner
         self.units = units
         self.policy = policy
         self.clock = clock
-        self.window = window
+        self.run_steps = run_steps if run_steps is not None else range(clock.num_steps)
+        self._split = run_steps is not None and len(run_steps) > 0
         self.online = bool(getattr(policy, "online", False))
+        if self.online and run_steps is not None:
+            window = _intersect(window, self.run_steps)
+        self.window = window
         self.level = getattr(policy, "level", "unit")
         self.reuse = getattr(policy, "reuse", HOLD)
         n = len(units)
@@ -150,7 +161,7 @@ class CacheSession:
                 self._keep_region = [False] * len(units.regions)
                 self._placeholder = [False] * n
         else:
-            self.plan = policy.plan(units, clock.num_steps, window)
+            self.plan = _confine(policy.plan(units, clock.num_steps, window), run_steps)
             self._region_rows = [_region_row(units, row) for row in self.plan]
             self._needed_rows = _needed_rows(units, self.plan)
             self._keep, self._placeholder, self._keep_region = _storage_needs(
@@ -173,7 +184,8 @@ class CacheSession:
         self.telemetry = RunTelemetry(
             method=policy.name, family=units.family,
             unit_names=[u.name for u in units.units], unit_groups=[u.group for u in units.units],
-            num_steps=clock.num_steps)
+            num_steps=clock.num_steps, notes=list(notes),
+            run_steps=[self.run_steps.start, self.run_steps.stop])
         if self.level == "call":      # the unit is the whole call: its share of the work is 1
             self.telemetry.unit_flops, self.telemetry.call_flops = [1.0], 1.0
         self.closed = False
@@ -197,6 +209,10 @@ class CacheSession:
             yield None
             return
         step = self.clock.step_of(sigma)
+        if self._split:
+            # A call at the sigma where this run stops (heun's corrector of its last step) is
+            # this run's last step, as the clock's clamp makes it for a whole schedule.
+            step = min(max(step, self.run_steps.start), self.run_steps.stop - 1)
         if self._inert:
             started = time.perf_counter()
             yield None
@@ -380,7 +396,9 @@ class CacheSession:
         agreed = agree(measured) if measured is not None else None
         compute = self.policy.decide(self._state, step, agreed)
         self._note_probe(step, agreed)
-        return compute
+        # Outside the window (a guard emptied it, or cut it to a run) every step computes; the
+        # policy still saw the step, so its history stays whole.
+        return compute or step not in self.window
 
     # -- FLOP profile (never inside a timed sampling: hosts call this after the run) --
     @contextlib.contextmanager
@@ -417,6 +435,22 @@ class CacheSession:
         self._region_specs = [None] * len(self._region_specs)
         self.telemetry.finish()
         return self.telemetry
+
+
+def _intersect(a: range, b: range) -> range:
+    start, stop = max(a.start, b.start), min(a.stop, b.stop)
+    return range(start, max(start, stop))
+
+
+def _confine(plan: list[list[bool]], run_steps: range | None) -> list[list[bool]]:
+    """A static plan over the whole schedule, for a run of part of it: the steps outside the run
+    and the run's first step (when the run starts later: nothing of this run is stored yet, and
+    another run's values are never its to reuse) compute every unit."""
+    if run_steps is None:
+        return plan
+    first_computed = run_steps.start if run_steps.start > 0 else None
+    return [[False] * len(row) if step not in run_steps or step == first_computed else row
+            for step, row in enumerate(plan)]
 
 
 def _first_tensor(value: Tree) -> torch.Tensor:

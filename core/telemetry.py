@@ -31,6 +31,11 @@ class RunTelemetry:
     # decision or nothing to compare), and what that value is.
     probe_values: list[float | None] = field(default_factory=list)
     probe_label: str = ""
+    # The run's steps [first, end) in the schedule its step numbers count in: a sampler that
+    # samples part of a schedule (Wan 2.2's two experts) runs e.g. [10, 20) of 20. None: all.
+    run_steps: list[int] | None = None
+    # Plain-English notes on the run (core/guards.py: few steps, a noise-injecting sampler).
+    notes: list[str] = field(default_factory=list)
     # Measures (unit_flops, call_flops) when first asked for, after the run: FLOP profiling
     # never runs inside the sampling a user times. Set by the host; None when unknown.
     flop_source: Any = field(default=None, repr=False, compare=False)
@@ -46,6 +51,8 @@ class RunTelemetry:
             self.step_seconds = [0.0] * self.num_steps
         if not self.probe_values:
             self.probe_values = [None] * self.num_steps
+        if self.run_steps is None:
+            self.run_steps = [0, self.num_steps]
 
     # -- recording (hot path: keep it to list indexing) --
     def add_time(self, step: int, seconds: float) -> None:
@@ -151,14 +158,19 @@ class RunTelemetry:
             "probe_values": list(self.probe_values),
             "probe_label": self.probe_label,
             "wall_time_s": self.wall_time_s,
+            "run_steps": list(self.run_steps),
+            "notes": list(self.notes),
         }
 
     def summary(self) -> str:
         frac = self.executed_fraction(resolve=False)
         work = f", work executed {frac:.0%}" if frac is not None else ""
         wall = f", {self.wall_time_s:.2f} s" if self.wall_time_s is not None else ""
+        first, end = self.run_steps
+        steps = (f"{self.num_steps} steps" if (first, end) == (0, self.num_steps)
+                 else f"steps {first}-{end - 1} of {self.num_steps}")
         return (f"{self.method} on {self.family}: hit rate {self.hit_rate:.0%} over "
-                f"{self.num_steps} steps and {len(self.unit_names)} units{work}{wall}")
+                f"{steps} and {len(self.unit_names)} units{work}{wall}")
 
 
 def _ratio(reused, computed) -> float | None:

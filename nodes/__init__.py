@@ -5,6 +5,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from . import routes
 from .autotune_node import CacheKitAutotune
+from .dyflux_node import CacheKitDyFLUX
 from .method_nodes import METHOD_NODES
 from .router_node import CacheKitRouter
 from .stats_node import CacheKitStats
@@ -12,7 +13,7 @@ from .train_router_node import CacheKitTrainRouter
 
 # Method nodes come from the method registry (core/methods/registry.py), in its order.
 NODES: list[type[io.ComfyNode]] = [*METHOD_NODES.values(), CacheKitRouter, CacheKitTrainRouter, CacheKitAutotune,
-                                   CacheKitStats]
+                                   CacheKitStats, CacheKitDyFLUX]
 
 
 class CacheKitExtension(ComfyExtension):

@@ -17,6 +17,7 @@
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import uuid
 from typing import Any, Callable
@@ -29,12 +30,14 @@ from comfy.patcher_extension import WrappersMP
 
 from ..core.clock import StepClock, window_steps
 from ..core.flops import FlopProfiler, lazy_profile
+from ..core.guards import guard_window, run_notes
 from ..core.lifecycle import RunLifecycle
 from ..core.methods.base import Policy
 from ..core.proxy import make_proxy, run_links
 from ..core.session import CacheSession, active_call
 from ..core.streams import CallLayout, empty_from_specs, input_signature, tensor_specs
 from . import history
+from .comfy_schedule import RunSchedule, run_schedule
 from .comfy_units import ComfyLayout
 
 log = logging.getLogger("CacheKit")
@@ -170,9 +173,16 @@ def outer_sample_wrapper(owner: str, open_session: Callable, node_id: str | None
     """OUTER_SAMPLE wrapper: one session per sampling run, published and dropped when it ends.
 
     open_session(guider, sigmas) builds the run's session; it is visible to the other wrappers
-    through transformer_options[SESSIONS_KEY][owner] for the run only.
+    through transformer_options[SESSIONS_KEY][owner] for the run only. An opener that takes a
+    third argument also gets the run's RunSchedule (nodes/comfy_schedule.py: the whole schedule
+    a split run is part of, its steps in it, the sampler and whether it injects noise).
     """
+    with_schedule = _takes_schedule(open_session)
+
     def on_open(session):
+        notes = session.telemetry.notes
+        if notes:
+            log.info("CacheKit: %s: %s", session.policy.name, " ".join(notes))
         return history.start(owner, node_id, session.telemetry)
 
     def on_close(session, telemetry, live):
@@ -182,7 +192,8 @@ def outer_sample_wrapper(owner: str, open_session: Callable, node_id: str | None
     def wrapper(executor, *args, **kwargs):
         guider = executor.class_obj
         lifecycle = RunLifecycle(owner, open_session, on_open=on_open, on_close=on_close)
-        with lifecycle.run(guider, args[3]) as session:
+        run_args = (guider, args[3]) + ((run_schedule(guider, args[0], args[2], args[3]),) if with_schedule else ())
+        with lifecycle.run(*run_args) as session:
             live = lifecycle.token
             args, kwargs = _with_step_callback(args, kwargs, live.progress)
             original_options = guider.model_options
@@ -197,6 +208,15 @@ def outer_sample_wrapper(owner: str, open_session: Callable, node_id: str | None
 
 
 _CALLBACK_ARG = 5    # outer_sample(noise, latent_image, sampler, sigmas, denoise_mask, callback, ...)
+
+
+def _takes_schedule(open_session: Callable) -> bool:
+    try:
+        parameters = inspect.signature(open_session).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in parameters) >= 3 or any(
+        p.kind is p.VAR_POSITIONAL for p in parameters)
 
 
 def _with_step_callback(args: tuple, kwargs: dict, on_step: Callable[[], None]) -> tuple[tuple, dict]:
@@ -218,13 +238,22 @@ def _chained(original: Callable | None, on_step: Callable[[], None]) -> Callable
     return callback
 
 
+def open_guarded_session(owner: str, units, policy, run: RunSchedule, window: range) -> CacheSession:
+    """A run's session over its whole schedule, with the guards of core/guards.py and their notes."""
+    clock = StepClock(run.sigmas)
+    window = guard_window(policy, clock.num_steps, window, injects_noise=run.injects_noise)
+    session = CacheSession(owner, units, policy, clock, window, run_steps=run.steps if run.split else None)
+    session.telemetry.notes.extend(run_notes(session, sampler=run.sampler, injects_noise=run.injects_noise))
+    return session
+
+
 def _unit_session_opener(owner: str, layout: ComfyLayout, policy: Policy, start_percent: float,
                          end_percent: float) -> Callable:
-    def open_session(guider, sigmas) -> CacheSession:
+    def open_session(guider, sigmas, run: RunSchedule) -> CacheSession:
         model_sampling = guider.model_patcher.get_model_object("model_sampling")
-        window = window_steps(sigmas.tolist(), model_sampling.percent_to_sigma(start_percent),
+        window = window_steps(run.sigmas, model_sampling.percent_to_sigma(start_percent),
                               model_sampling.percent_to_sigma(end_percent))
-        return CacheSession(owner, layout.units, policy, StepClock(sigmas.tolist()), window)
+        return open_guarded_session(owner, layout.units, policy, run, window)
     return open_session
 
 

@@ -16,12 +16,12 @@ from typing import Callable
 
 from comfy.patcher_extension import WrappersMP
 
-from ..core.clock import StepClock
 from ..core.methods.adaptive import AdaptiveConfig, AdaptivePolicy
 from ..core.session import CacheSession
 from ..core.streams import SINGLE_STREAM
 from ..core.units import call_unit_map
-from .comfy_host import SESSIONS_KEY, outer_sample_wrapper
+from .comfy_host import SESSIONS_KEY, open_guarded_session, outer_sample_wrapper
+from .comfy_schedule import RunSchedule
 
 
 def _predict_noise_wrapper(owner: str) -> Callable:
@@ -55,9 +55,8 @@ def install_step_skip(model, config: AdaptiveConfig | None = None, node_id: str 
     owner = f"cachekit.{policy.name}.{uuid.uuid4().hex[:12]}"
     units = call_unit_map(type(patched.model).__name__)
 
-    def open_session(guider, sigmas) -> CacheSession:
-        clock = StepClock(sigmas.tolist())
-        return CacheSession(owner, units, policy, clock, range(clock.num_steps))
+    def open_session(guider, sigmas, run: RunSchedule) -> CacheSession:
+        return open_guarded_session(owner, units, policy, run, range(run.num_steps))
 
     patched.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, owner, outer_sample_wrapper(owner, open_session, node_id))
     patched.add_wrapper_with_key(WrappersMP.PREDICT_NOISE, owner, _predict_noise_wrapper(owner))

@@ -19,10 +19,11 @@ OUTPUTS = {
     "DualCLIPLoader": ["CLIP"], "VAELoader": ["VAE"], "CLIPTextEncode": ["CONDITIONING"],
     "FluxGuidance": ["CONDITIONING"], "ModelSamplingSD3": ["MODEL"], "EmptyLatentImage": ["LATENT"],
     "EmptySD3LatentImage": ["LATENT"], "EmptyHunyuanLatentVideo": ["LATENT"], "KSampler": ["LATENT"],
+    "KSamplerAdvanced": ["LATENT"],
     "VAEDecode": ["IMAGE"], "SaveImage": [], "PreviewImage": [], "SaveAnimatedWEBP": [], "PreviewAny": [],
     "CacheKitDeepCache": ["MODEL"], "CacheKitFORA": ["MODEL"], "CacheKitAdaptiveSkip": ["MODEL"],
     "CacheKitAutotune": ["MODEL", "CACHEKIT_SETTINGS", "STRING"], "CacheKitStats": ["IMAGE", "STRING"],
-    "CacheKitRouter": ["MODEL"], "CacheKitChangeCache": ["MODEL"],
+    "CacheKitRouter": ["MODEL"], "CacheKitChangeCache": ["MODEL"], "CacheKitDyFLUX": ["MODEL"],
     "Note": [],
 }
 OUTPUT_NAMES = {"CacheKitAutotune": ["MODEL", "settings", "report"], "CacheKitStats": ["heatmap", "summary"],
@@ -272,6 +273,72 @@ def fora_wan(name):
     w.save(name)
 
 
+def fora_wan22_two_experts(name):
+    """Wan 2.2 14B: the high-noise expert samples steps 0-9, the low-noise expert 10-19 of one
+    20-step schedule (two KSamplerAdvanced), each expert patched by its own FORA node."""
+    w = Workflow()
+    clip = w.node("CLIPLoader", ["umt5_xxl_fp8_e4m3fn_scaled.safetensors", "wan", "default"], pos=(0, 320))
+    vae = w.node("VAELoader", ["wan_2.1_vae.safetensors"], pos=(0, 480))
+    pos = w.node("CLIPTextEncode", ["a red fox running through fresh snow, cinematic"], pos=(380, 0),
+                 clip=(clip, 0, "CLIP"))
+    neg = w.node("CLIPTextEncode", [NEG], pos=(380, 200), clip=(clip, 0, "CLIP"))
+    latent = w.node("EmptyHunyuanLatentVideo", [832, 480, 81, 1], pos=(380, 400))
+    experts = []
+    for row, (unet, title, fora) in enumerate((
+            ("wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors", "FORA: high-noise expert", [2, 0.1, 1.0, "hold"]),
+            ("wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors", "FORA: low-noise expert", [3, 0.0, 1.0, "hold"]))):
+        y = row * 420
+        model = w.node("UNETLoader", [unet, "default"], pos=(0, y if row == 0 else 160))
+        shifted = w.node("ModelSamplingSD3", [8.0], pos=(380, 560 + y // 3), model=(model, 0, "MODEL"))
+        experts.append(w.node("CacheKitFORA", fora, pos=(700, 100 + y), title=title, model=(shifted, 0, "MODEL")))
+    high = w.node("KSamplerAdvanced", ["enable", 0, "fixed", 20, 3.5, "euler", "simple", 0, 10, "enable"],
+                  pos=(1060, 100), size=(320, 330), title="KSampler (high noise: steps 0-9)",
+                  model=(experts[0], 0, "MODEL"), positive=(pos, 0, "CONDITIONING"), negative=(neg, 0, "CONDITIONING"),
+                  latent_image=(latent, 0, "LATENT"))
+    low = w.node("KSamplerAdvanced", ["disable", 0, "fixed", 20, 3.5, "euler", "simple", 10, 10000, "disable"],
+                 pos=(1060, 480), size=(320, 330), title="KSampler (low noise: steps 10-19)",
+                 model=(experts[1], 0, "MODEL"), positive=(pos, 0, "CONDITIONING"), negative=(neg, 0, "CONDITIONING"),
+                 latent_image=(high, 0, "LATENT"))
+    decode = w.node("VAEDecode", pos=(1420, 100), samples=(low, 0, "LATENT"), vae=(vae, 0, "VAE"))
+    w.node("SaveAnimatedWEBP", ["CacheKit", 16.0, False, 90, "default"], pos=(1420, 220), images=(decode, 0, "IMAGE"))
+    _stats(w, experts[1], low, x=1420)
+    w.note("Wan 2.2 14B runs one 20-step schedule on two experts: the high-noise model samples steps 0-9, the "
+           "low-noise model steps 10-19 (two KSamplerAdvanced with the same steps, split at 10). Each expert has "
+           "its own FORA node and settings; their caches are never shared.\n\n"
+           "CacheKit counts steps in the whole schedule (found from the sigmas each sampler gets), so the low-noise "
+           "run's steps are 10-19, start/end_percent mean the same share of the schedule on both nodes, and FORA's "
+           "refresh countdown runs across the split. The low expert's first step always computes: nothing before it "
+           "is its own to reuse. The CacheKit sidebar shows both runs as 'steps 0-9 of 20' and 'steps 10-19 of 20'.\n\n"
+           "The high-noise expert lays out composition and motion: interval 2 from 10 %. The low-noise expert refines "
+           "detail and repeats more: interval 3. With a 4-step distilled LoRA (lightx2v: 2 + 2 steps) caching starts "
+           "at the middle of the schedule at the earliest and the run notes say so; there is little left to reuse.",
+           pos=(0, 760))
+    w.save(name)
+
+
+def dyflux_flux(name):
+    """FLUX.1-lite 8B (the model the official DyFLUX router was trained on) with DyFLUX token routing."""
+    w = Workflow()
+    model, clip, vae = _unet_clip_vae(w, "flux.1-lite-8B.safetensors", None, "flux", "ae.safetensors",
+                                      dual=("clip_l.safetensors", "t5xxl_fp16.safetensors"))
+    pos = w.node("CLIPTextEncode", [PROMPT], pos=(380, 0), clip=(clip, 0, "CLIP"))
+    guided = w.node("FluxGuidance", [3.5], pos=(380, 160), conditioning=(pos, 0, "CONDITIONING"))
+    neg = w.node("CLIPTextEncode", [""], pos=(380, 280), clip=(clip, 0, "CLIP"))
+    latent = w.node("EmptySD3LatentImage", [1024, 1024, 1], pos=(380, 440))
+    routed = w.node("CacheKitDyFLUX", ["dyflux_lite_8b.safetensors", 0.0], pos=(700, 100), model=(model, 0, "MODEL"))
+    ks = _sample_and_save(w, routed, guided, neg, latent, (vae, 0, "VAE"), sampler=(28, 1.0, "euler", "simple"))
+    _stats(w, routed, ks)
+    w.note("DyFLUX token routing (DyDiT on FLUX): in every block a trained router picks the image tokens that need "
+           "it; the others skip the double blocks' image feed-forward and pass through the single blocks unchanged. "
+           "The official router is trained for Freepik's FLUX.1-lite 8B (8 double + 38 single blocks), not FLUX.1 "
+           "dev: download transformer_230000.pt from huggingface.co/heisejiasuo/DyFLUX, convert it with\n"
+           "python scripts/convert_dyflux.py transformer_230000.pt dyflux_lite_8b.safetensors\n"
+           "and put the .safetensors in models/cachekit_routers/. threshold 0 = the router's own (0.5); higher "
+           "skips more tokens. Cache Stats shows the share of image tokens each block skipped per step.",
+           pos=(0, 620))
+    w.save(name)
+
+
 def main():
     OUT.mkdir(exist_ok=True)
     sd_deepcache("deepcache_sd15", "v1-5-pruned-emaonly-fp16.safetensors", 512,
@@ -287,12 +354,14 @@ def main():
     fora_flux("fora_flux")
     fora_pixart("fora_pixart")
     fora_wan("fora_wan")
+    fora_wan22_two_experts("fora_wan22_two_experts")
     router_pixart("router_pixart")
     adaptive("adaptive_skip_sd15")
     stack("stack_deepcache_adaptive_sd15")
     autotune("autotune_deepcache_sd15")
     change_sd15("change_cache_sd15")
     change_flux("change_cache_flux")
+    dyflux_flux("dyflux_token_flux")
     print("\n".join(sorted(p.name for p in OUT.glob("*.json"))))
 
 

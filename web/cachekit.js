@@ -138,8 +138,11 @@ function runCard(record) {
   title.style.fontWeight = "bold";
   const node = record.node_id && app.graph ? app.graph.getNodeById(record.node_id) : null;
   const where = node ? node.title : t.family;
+  // A run that samples part of a schedule (Wan 2.2's two experts): its steps in the whole one.
+  const [first, end] = t.run_steps || [0, t.num_steps];
   title.textContent = (where.startsWith(t.method) ? where : `${t.method} · ${where}`)
     + (record.node_id ? ` #${record.node_id}` : "")
+    + (first !== 0 || end !== t.num_steps ? ` · steps ${first}–${end - 1} of ${t.num_steps}` : "")
     + (record.finished ? "" : " · sampling…");
   const stats = document.createElement("div");
   stats.className = "cachekit-stats";
@@ -148,7 +151,15 @@ function runCard(record) {
     `<b>${times(t.measured_speedup)}</b> measured, <b>${times(t.ideal_speedup)}</b> estimated` +
     (t.skipped_steps && t.skipped_steps.length ? ` · skipped steps ${t.skipped_steps.join(", ")}` : "");
   const label = (text) => { const d = document.createElement("div"); d.style.cssText = "font-size:11px;opacity:.7;margin-top:6px"; d.textContent = text; return d; };
-  card.append(title, stats, label("per step (orange = whole step skipped)"), stepBars(t),
+  // Guard notes (few steps, a noise-injecting sampler): what CacheKit did differently and why.
+  const notes = (t.notes || []).map((text) => {
+    const note = document.createElement("div");
+    note.className = "cachekit-note";
+    note.style.cssText = "margin-top:6px;padding:4px 6px;border-left:3px solid #e0a030;font-size:11px;background:rgba(224,160,48,.12)";
+    note.textContent = text;
+    return note;
+  });
+  card.append(title, stats, ...notes, label("per step (orange = whole step skipped)"), stepBars(t),
               label("step × block (bright = reused)"), heatmapCanvas(t));
   const probes = probeChart(t);
   if (probes) card.append(label(`decision value per step: ${t.probe_label || "probe"} (green = reused)`), probes);

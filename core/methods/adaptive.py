@@ -26,6 +26,7 @@ so its decision for step k uses exactly the latents the official code has at tha
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -114,6 +115,9 @@ class AdaptivePolicy:
     level: str = "call"
     online: bool = True
     probe_label: str = "third-order latent change / first-order (skips below delta)"
+    # The rule reads how smoothly the latents change; a sampler that injects noise every step
+    # (ancestral, SDE) defeats it, so with one it skips nothing (core/guards.py).
+    needs_deterministic_sampler: ClassVar[bool] = True
 
     @property
     def reuse(self):

@@ -2,7 +2,8 @@
 
 The pack loads; workflows/deepcache_sd15.json runs on a tiny SD1.5-format checkpoint (shrunk
 to 64 px and 8 steps); the CacheKit sidebar tab shows that run's hit rate and the DeepCache
-node's badge shows it too; every workflow in workflows/ opens without missing nodes.
+node's badge shows it too; a run with a noise-injecting sampler shows its guard note on its card;
+every workflow in workflows/ opens without missing nodes.
 Screenshot: artifacts/comfyui_sidebar.png. Skips without COMFYUI_DIR, playwright or chromium.
 """
 from __future__ import annotations
@@ -207,6 +208,73 @@ def test_change_cache_workflow_shows_each_steps_decision_value_in_the_sidebar(pa
         assert (value == "-") if want is None else abs(float(value) - want) <= 0.006 * abs(want), (text, want)
     assert shown[0][1] == "-" and card.locator(".cachekit-probes canvas").count() == 1
     assert telemetry["probe_label"] in card.inner_text()
+    assert not [e for e in page.cachekit_errors if "cachekit" in e.lower()]
+
+
+def test_a_run_with_a_noise_injecting_sampler_shows_its_note_on_the_sidebar_card(page, comfy_server):
+    _load(page, ROOT / "workflows" / "deepcache_sd15.json")
+    page.evaluate("""() => {
+        for (const n of window.app.graph._nodes) {
+            const set = (name, v) => { const w = n.widgets.find(w => w.name === name); w.value = v; };
+            if (n.type === 'EmptyLatentImage') { set('width', 64); set('height', 64); }
+            if (n.type === 'KSampler') { set('steps', 8); set('sampler_name', 'euler_ancestral'); }
+        }
+    }""")
+    run = _queue_and_wait(page, comfy_server)
+    notes = run["telemetry"]["notes"]
+    assert any(note.startswith("euler_ancestral adds fresh noise") for note in notes), notes
+    if not page.locator("#cachekit-sidebar").is_visible():      # an earlier test may have left it open
+        page.evaluate("() => window.app.extensionManager.sidebarTab.toggleSidebarTab('cachekit')")
+    card = page.locator(f"#cachekit-sidebar .cachekit-run[data-run-id='{run['id']}']")
+    card.wait_for(timeout=30_000)
+    shown = card.locator(".cachekit-note")
+    assert shown.count() == len(notes) and [shown.nth(i).inner_text() for i in range(len(notes))] == notes
+    assert shown.first.is_visible()
+    assert not [e for e in page.cachekit_errors if "cachekit" in e.lower()]
+
+
+def test_two_samplers_splitting_one_schedule_show_their_steps_in_it(page, comfy_server):
+    """Wan 2.2-style: two KSamplerAdvanced split one 8-step schedule at 4, each model patched by its
+    own CacheKit node; the sidebar cards say which steps of the schedule each run sampled."""
+    ckpt = "v1-5-pruned-emaonly-fp16.safetensors"
+    sampler = {"noise_seed": 7, "steps": 8, "cfg": 5.0, "sampler_name": "euler", "scheduler": "simple",
+               "positive": ["2", 0], "negative": ["3", 0]}
+    deepcache = {"cache_branch": 0, "schedule": "uniform", "center": 15, "power": 1.4, "start_percent": 0.0,
+                 "end_percent": 1.0}
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a lighthouse", "clip": ["1", 1]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "5": {"class_type": "CacheKitDeepCache", "inputs": {"model": ["1", 0], "cache_interval": 3, **deepcache}},
+        "6": {"class_type": "CacheKitDeepCache", "inputs": {"model": ["1", 0], "cache_interval": 2, **deepcache}},
+        "7": {"class_type": "KSamplerAdvanced", "inputs": {
+            "model": ["5", 0], "add_noise": "enable", "latent_image": ["4", 0], "start_at_step": 0, "end_at_step": 4,
+            "return_with_leftover_noise": "enable", **sampler}},
+        "8": {"class_type": "KSamplerAdvanced", "inputs": {
+            "model": ["6", 0], "add_noise": "disable", "latent_image": ["7", 0], "start_at_step": 4,
+            "end_at_step": 10000, "return_with_leftover_noise": "disable", **sampler}},
+        "9": {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["1", 2]}},
+        "10": {"class_type": "PreviewImage", "inputs": {"images": ["9", 0]}},
+    }
+    before = len(_get_json(f"{comfy_server}/cachekit/runs")["runs"])
+    client_id = page.evaluate("() => window.app.api.clientId || window.app.api.initialClientId || ''")
+    body = json.dumps({"prompt": prompt, "client_id": client_id}).encode()
+    request = urllib.request.Request(f"{comfy_server}/prompt", data=body, headers={"Content-Type": "application/json"})
+    urllib.request.urlopen(request, timeout=30).read()
+    deadline = time.time() + 300
+    while len(runs := _get_json(f"{comfy_server}/cachekit/runs")["runs"]) < before + 2 and time.time() < deadline:
+        time.sleep(1)
+    high, low = runs[-2:]
+    assert (high["node_id"], low["node_id"]) == ("5", "6")
+    assert high["telemetry"]["run_steps"] == [0, 4] and low["telemetry"]["run_steps"] == [4, 8]
+    assert high["telemetry"]["num_steps"] == low["telemetry"]["num_steps"] == 8
+    if not page.locator("#cachekit-sidebar").is_visible():
+        page.evaluate("() => window.app.extensionManager.sidebarTab.toggleSidebarTab('cachekit')")
+    for run, text in ((high, "steps 0–3 of 8"), (low, "steps 4–7 of 8")):
+        card = page.locator(f"#cachekit-sidebar .cachekit-run[data-run-id='{run['id']}']")
+        card.wait_for(timeout=30_000)
+        assert text in card.inner_text()
     assert not [e for e in page.cachekit_errors if "cachekit" in e.lower()]
 
 

@@ -56,7 +56,8 @@ def _check_value(node, name, type_, options, value):
 def test_there_is_a_workflow_for_every_method_and_family():
     names = {p.stem for p in WORKFLOWS}
     assert {"deepcache_sd15", "deepcache_sdxl", "fora_sd3", "fora_flux", "fora_pixart", "fora_wan",
-            "adaptive_skip_sd15", "stack_deepcache_adaptive_sd15", "autotune_deepcache_sd15", "router_pixart"} <= names
+            "adaptive_skip_sd15", "stack_deepcache_adaptive_sd15", "autotune_deepcache_sd15", "router_pixart",
+            "fora_wan22_two_experts"} <= names
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
