@@ -62,7 +62,7 @@ class ActiveCall:
     needed_row: list[bool] | None = None     # reused units a computed unit reads (None: all)
     protect: bool = False
     profiler: FlopProfiler | None = None
-    stored: bool = False              # something was stored during this call
+    stored: bool = False              # the session's held memory changed (a value stored, a placeholder made)
 
 
 def active_call(owner: str) -> ActiveCall | None:
@@ -102,6 +102,7 @@ class _Spec:
         if made is None:
             tree = self.tree if self.layout is not None else _scale_batch(self.tree, chunks, 1)
             made = self.made[chunks] = empty_from_specs(tree)
+            call.stored = True        # held memory grew: the run record's peak is measured after the call
         return made
 
 
@@ -239,7 +240,7 @@ class CacheSession:
             _ACTIVE.reset(token)
         self._count_call(step, samples, started)
         if call.stored:
-            self.telemetry.note_cache_bytes(self.cache_bytes())
+            self.telemetry.note_cache_bytes(self.cache_bytes(), self.placeholder_bytes())
 
     def _count_call(self, step: int, samples: int, started: float) -> None:
         telemetry = self.telemetry
@@ -423,8 +424,18 @@ class CacheSession:
         total += sum(tree_bytes(v, seen) for v in self._probe_refs.values())
         return total
 
+    def placeholder_bytes(self) -> int:
+        """Bytes of the placeholders held (uninitialised tensors handed out for reused units that
+        nothing computed reads; no values, but memory all the same)."""
+        seen: set = set()
+        return sum(tree_bytes(made, seen) for spec in self._specs + self._region_specs if spec is not None
+                   for made in spec.made.values())
+
     def close(self) -> RunTelemetry:
         """Drop every stored tensor and finish the telemetry. Safe to call twice."""
+        if not self.closed:
+            # What the cache held when the run ended (the run record's "at the end"), then freed.
+            self.telemetry.note_cache_bytes_end(self.cache_bytes())
         self.closed = True
         for store in self._stores + self._region_stores:
             if store is not None:

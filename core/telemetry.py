@@ -27,6 +27,8 @@ class RunTelemetry:
     model_call_samples: int = 0
     step_seconds: list[float] = field(default_factory=list)   # [step] wall time inside model calls
     cache_bytes: int = 0                     # peak bytes held in the run's stores
+    cache_bytes_end: int = 0                 # bytes the stores held when the run ended (then freed)
+    placeholder_bytes: int = 0               # peak bytes of placeholders (shape-only stand-ins, no values)
     # Online policies: [step] the value each decision compared with its threshold (None: no
     # decision or nothing to compare), and what that value is.
     probe_values: list[float | None] = field(default_factory=list)
@@ -68,9 +70,15 @@ class RunTelemetry:
         if label:
             self.probe_label = label
 
-    def note_cache_bytes(self, nbytes: int) -> None:
+    def note_cache_bytes(self, nbytes: int, placeholders: int = 0) -> None:
         if nbytes > self.cache_bytes:
             self.cache_bytes = nbytes
+        if placeholders > self.placeholder_bytes:
+            self.placeholder_bytes = placeholders
+
+    def note_cache_bytes_end(self, nbytes: int) -> None:
+        self.cache_bytes_end = nbytes
+        self.note_cache_bytes(nbytes)
 
     def resolve_flops(self) -> bool:
         """Measure the FLOP profile now if it is unknown and the run has finished."""
@@ -155,6 +163,8 @@ class RunTelemetry:
             "skipped_steps": list(self.skipped_steps),
             "model_calls": self.model_calls,
             "cache_bytes": self.cache_bytes,
+            "cache_bytes_end": self.cache_bytes_end,
+            "placeholder_bytes": self.placeholder_bytes,
             "probe_values": list(self.probe_values),
             "probe_label": self.probe_label,
             "wall_time_s": self.wall_time_s,
@@ -166,11 +176,20 @@ class RunTelemetry:
         frac = self.executed_fraction(resolve=False)
         work = f", work executed {frac:.0%}" if frac is not None else ""
         wall = f", {self.wall_time_s:.2f} s" if self.wall_time_s is not None else ""
+        cache = f", cache {format_bytes(self.cache_bytes)} peak" if self.cache_bytes else ""
         first, end = self.run_steps
         steps = (f"{self.num_steps} steps" if (first, end) == (0, self.num_steps)
                  else f"steps {first}-{end - 1} of {self.num_steps}")
         return (f"{self.method} on {self.family}: hit rate {self.hit_rate:.0%} over "
-                f"{steps} and {len(self.unit_names)} units{work}{wall}")
+                f"{steps} and {len(self.unit_names)} units{work}{cache}{wall}")
+
+
+def format_bytes(nbytes: int) -> str:
+    """1.5 KiB, 12.3 MiB, 2.0 GiB (the sidebar card formats the same way)."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
+        if nbytes >= size:
+            return f"{nbytes / size:.1f} {unit}"
+    return f"{nbytes / 2**10:.1f} KiB"
 
 
 def _ratio(reused, computed) -> float | None:

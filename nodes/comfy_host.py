@@ -94,10 +94,17 @@ def _dit_replace(owner: str, index: int, previous: Callable | None) -> Callable:
         call = active_call(owner)
         if call is None:
             return compute()
-        unit_input = {"img": args["img"]}
-        if "txt" in args:
-            unit_input["txt"] = args["txt"]
-        return call.session.run_unit(call, index, compute, unit_input)
+        keys = [k for k in ("img", "txt") if k in args]
+        unit_input = {k: args[k] for k in keys}
+
+        def compute_unit():
+            # Blocks may update their inputs in place (Flux / Chroma / HunyuanVideo: `txt += ...`
+            # in double blocks, `x += ...` in single blocks): the residual is taken against a copy
+            # made before the block runs (only when it runs; a reuse adds to the input as is).
+            for k in keys:
+                unit_input[k] = args[k].clone()
+            return compute()
+        return call.session.run_unit(call, index, compute_unit, unit_input)
     return replace
 
 

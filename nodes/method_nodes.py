@@ -13,14 +13,14 @@ from ..core.methods import registry
 from ..core.methods.registry import MethodSpec, Setting
 from .comfy_host import diffusion_model_of, install
 from .comfy_step_skip import install_step_skip
-from .comfy_units import FORA_FAMILIES_TEXT, ComfyLayout, dit_layout, is_unet_model, unet_layout
+from .comfy_units import FORA_BLOCK_FAMILIES_TEXT, FORA_FAMILIES_TEXT, ComfyLayout, dit_layout, is_unet_model, unet_layout
 
 CATEGORY = "CacheKit"
 # Settings chosen by the Autotune node: {"method": ..., "settings": {...}}; wired into a method
 # node they replace that node's widget values.
 Settings = io.Custom("CACHEKIT_SETTINGS")
 # Facts of this host that node descriptions name in braces.
-HOST_FACTS = {"dit_families": FORA_FAMILIES_TEXT}
+HOST_FACTS = {"dit_families": FORA_FAMILIES_TEXT, "dit_block_families": FORA_BLOCK_FAMILIES_TEXT}
 
 
 def method_layout(spec: MethodSpec, model) -> ComfyLayout:

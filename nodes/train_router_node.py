@@ -27,7 +27,7 @@ from ..core.reuse import STRATEGIES
 from ..core.routers import save_router
 from ..core.routers.train import Sampler, TrainConfig, load_checkpoint, train_units
 from .comfy_host import diffusion_model_of, install
-from .comfy_units import dit_layout
+from .comfy_units import FORA_BLOCK_FAMILIES_TEXT, FORA_SUBLAYER_FAMILIES_TEXT, dit_layout
 from .method_nodes import CATEGORY, PATCH_NODE, _node_id
 from .router_node import FOLDER, register_folder
 
@@ -55,10 +55,13 @@ def _output_path(name: str) -> str:
 def _soft_block(holder: dict, index: int):
     """A patches_replace["dit"] entry that routes a whole block softly during training."""
     def replace(args: dict, extra: dict) -> dict:
+        # A copy of the inputs made before the block runs: Flux / Chroma / HunyuanVideo blocks
+        # update them in place (`txt += ...`, `x += ...`), which would leave a zero residual.
+        before = {k: args[k].clone() for k in ("img", "txt") if isinstance(args.get(k), torch.Tensor)}
         fresh = extra["original_block"](args)
         # MMDiT's last block returns no text stream: route only the streams that come back.
-        keys = [k for k in ("img", "txt") if k in args and fresh.get(k) is not None]
-        unit_input = {k: args[k] for k in keys}
+        keys = [k for k in before if fresh.get(k) is not None]
+        unit_input = {k: before[k] for k in keys}
         return {**fresh, **holder["soft"].apply(index, {k: fresh[k] for k in keys}, unit_input)}
     return replace
 
@@ -87,7 +90,9 @@ class CacheKitTrainRouter(io.ComfyNode):
             description=("Trains a learned router for this model, prompt and step count, without images: HarmoniCa's "
                          "step-wise denoising training with its image error proxy, or the Learning-to-Cache objective. "
                          f"Saves it to models/{FOLDER}/ and outputs the model with it applied. Sampler: Euler steps "
-                         "on the chosen scheduler's sigmas. Per sub-layer on PixArt and Wan, per block on SD3, Flux and Chroma."),
+                         "on the chosen scheduler's sigmas. Per block on "
+                         f"{FORA_BLOCK_FAMILIES_TEXT}; per sub-layer (attention, MLP) on the other DiTs: "
+                         f"{FORA_SUBLAYER_FAMILIES_TEXT}."),
             inputs=[
                 io.Model.Input("model"),
                 io.Conditioning.Input("positive"),
@@ -125,8 +130,9 @@ class CacheKitTrainRouter(io.ComfyNode):
         trainee = model.clone()
         twin = _trainable_copy(diffusion_model_of(model))
         trainee.add_object_patch("diffusion_model", twin)
-        # PixArt / Wan sub-layers are modules (forward hooks); SD3 / Flux / Chroma blocks are
-        # reached through patches_replace["dit"] and trained as residual units.
+        # Sub-layers (PixArt, Wan, Lumina 2, ...) are modules (forward hooks); whole blocks (SD3,
+        # Flux, HunyuanVideo, ...) are reached through patches_replace["dit"] and
+        # trained as residual units.
         modules = [trainee.get_model_object(slot.path) if slot.how == "proxy" else None for slot in layout.slots]
         holder = {}
         for index, slot in enumerate(layout.slots):

@@ -18,6 +18,9 @@ function remember(record) {
 
 const pct = (v) => (v === null || v === undefined ? "-" : `${Math.round(v * 100)}%`);
 const times = (v) => (v ? `${v.toFixed(2)}x` : "-");
+// As core/telemetry.py format_bytes: 1.5 KiB, 12.3 MiB, 2.0 GiB.
+const fmtBytes = (v) => (v >= 2 ** 30 ? `${(v / 2 ** 30).toFixed(1)} GiB`
+  : v >= 2 ** 20 ? `${(v / 2 ** 20).toFixed(1)} MiB` : `${(v / 2 ** 10).toFixed(1)} KiB`);
 
 // -- node badges -------------------------------------------------------------------------
 // A duck-typed badge (LiteGraph draws anything with height, getWidth(ctx) and draw(ctx, x, y)).
@@ -149,7 +152,10 @@ function runCard(record) {
   stats.innerHTML =
     `hit rate <b class="cachekit-hit-rate">${pct(t.hit_rate)}</b> · speedup ` +
     `<b>${times(t.measured_speedup)}</b> measured, <b>${times(t.ideal_speedup)}</b> estimated` +
-    (t.skipped_steps && t.skipped_steps.length ? ` · skipped steps ${t.skipped_steps.join(", ")}` : "");
+    (t.skipped_steps && t.skipped_steps.length ? ` · skipped steps ${t.skipped_steps.join(", ")}` : "") +
+    // Memory the run's cache held (peak; at the end of the run when it differs), freed when the run ends.
+    (t.cache_bytes ? ` · cache <b class="cachekit-cache-bytes">${fmtBytes(t.cache_bytes)}</b>` +
+      (t.cache_bytes_end && t.cache_bytes_end !== t.cache_bytes ? ` (${fmtBytes(t.cache_bytes_end)} at end)` : "") : "");
   const label = (text) => { const d = document.createElement("div"); d.style.cssText = "font-size:11px;opacity:.7;margin-top:6px"; d.textContent = text; return d; };
   // Guard notes (few steps, a noise-injecting sampler): what CacheKit did differently and why.
   const notes = (t.notes || []).map((text) => {

@@ -405,8 +405,8 @@ register(MethodSpec(
            *({"cache_interval": n, "cache_branch": b, "reuse": r} for n in (3, 5) for b in (0, 1)
              for r in ("forecast1", "forecast2"))),
     node=NodeSpec("CacheKitDeepCache", "DeepCache (CacheKit)",
-                  "DeepCache for U-Nets (SD1.x, SD2.x, SDXL): on cache steps only the shallow branch of the U-Net "
-                  "runs; the deep features come from the last full step.",
+                  "DeepCache for U-Nets (SD1.x, SD2.x, SDXL and its refiner, SVD video): on cache steps only the "
+                  "shallow branch of the U-Net runs; the deep features come from the last full step.",
                   "The model with DeepCache."),
     hosts={"diffusers": "apply_deepcache"},
 ))
@@ -428,8 +428,8 @@ register(MethodSpec(
            *({"interval": n, "reuse": r} for n in (2, 3, 4) for r in ("forecast1", "forecast2"))),
     node=NodeSpec("CacheKitFORA", "FORA (CacheKit)",
                   "FORA for DiTs: every N steps compute everything; in between reuse each block's attention and MLP "
-                  "outputs. Covers {dit_families}. SD3, Flux and Chroma reuse whole-block residuals (their attention "
-                  "is joint and inline).",
+                  "outputs. Covers {dit_families}. {dit_block_families} reuse whole-block residuals (their attention "
+                  "is computed inline in the block).",
                   "The model with FORA."),
     hosts={"diffusers": "apply_fora"},
 ))

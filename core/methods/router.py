@@ -80,7 +80,7 @@ class RouterPolicy:
         r = self.router
         if r.family == "uvit":
             raise RouterError("This is a U-ViT router; CacheKit applies routers to DiT-style models only "
-                              "(diffusers DiT / PixArt, ComfyUI PixArt / Wan).")
+                              "(diffusers DiT / PixArt, ComfyUI DiTs).")
         kinds = [u.kind for u in units.units]
         per_block = len(r.layout)
         blocks = len(kinds) // per_block if per_block else 0

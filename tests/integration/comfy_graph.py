@@ -106,3 +106,22 @@ class Graph:
                       latent_image=latent, denoise=1.0)
         self.add("CKTestCapture", samples=[ks, 0], key=key)
         return ks
+
+
+def train_router(comfy, router_dir, family: str, method: str, *, steps: int, iterations: int, router_name: str,
+                 key: str):
+    """Train a router on the tiny `family` model with the CacheKitTrainRouter node, check that it was saved and
+    reported and that training moved its logits; return (the loaded router, its path)."""
+    import torch
+    g = Graph(family)
+    train = g.add("CacheKitTrainRouter", model=g.model, positive=[g.loader, 1], negative=[g.loader, 2],
+                  latent_image=[g.loader, 3], seed=3, steps=steps, cfg=2.0, scheduler="normal", method=method,
+                  iterations=iterations, l1=1e-3, lr=0.05, router_name=router_name)
+    g.add("CKTestCaptureString", value=[train, 1], key=key)
+    comfy.run(g.prompt, comfy.fresh_executor())
+    saved = router_dir / f"{router_name}.safetensors"
+    assert saved.exists() and f"Trained a {method} router" in RESULTS[key]
+    router = comfy.pack("core.routers").load_router(saved)
+    initial = torch.randn(router.logits.shape, generator=torch.Generator().manual_seed(3))
+    assert not torch.allclose(router.logits, initial)       # the gradient reached the logits through ComfyUI
+    return router, saved

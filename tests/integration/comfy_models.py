@@ -183,25 +183,44 @@ def _latent(family: str) -> Dict[str, torch.Tensor]:
 
 # --- public -------------------------------------------------------------------------
 
+def instantiate(model_config, seed: int, state_dict: dict | None = None) -> tuple[Any, torch.Generator]:
+    """The model of a ComfyUI model config in float32 on the CPU, with seeded random weights (from
+    state_dict where given): (its ModelPatcher, the generator, for drawing the conditioning next)."""
+    import comfy.model_patcher
+
+    model_config.set_inference_dtype(torch.float32, None)
+    cpu = torch.device("cpu")
+    model = model_config.get_model(state_dict or {}, device=cpu)
+    gen = torch.Generator().manual_seed(int(seed))
+    _init_weights(model.diffusion_model, gen)
+    model.eval()
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu), gen
+
+
 def build(family: str, seed: int = 0) -> Tiny:
     """Build a tiny random-weight ComfyUI model of ``family`` on CPU (deterministic in ``seed``)."""
+    from . import comfy_dit_models
+    if family in comfy_dit_models.SPECS:       # more DiT families (Qwen-Image, HunyuanVideo, ...)
+        return comfy_dit_models.build(family, seed, Tiny)
     if family not in _SPECS:
         raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
-    import comfy.model_patcher
     import comfy.supported_models
 
     class_name, unet_factory, overrides = _SPECS[family]
     model_config = getattr(comfy.supported_models, class_name)(unet_factory())
     model_config.unet_config.update(overrides)
-    model_config.set_inference_dtype(torch.float32, None)
-
-    cpu = torch.device("cpu")
-    model = model_config.get_model({}, device=cpu)
-    gen = torch.Generator().manual_seed(int(seed))
-    _init_weights(model.diffusion_model, gen)
-    model.eval()
-
-    patcher = comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+    patcher, gen = instantiate(model_config, seed)
     positive = _conditioning(family, gen, 1.0)
     negative = _conditioning(family, gen, 1.0)
     return Tiny(patcher=patcher, positive=positive, negative=negative, latent=_latent(family), family=family)
+
+
+class Elsewhere(torch.nn.Module):
+    """A diffusion model of no family CacheKit knows."""
+
+
+class UnknownModelPatcher:
+    """A stand-in ModelPatcher whose diffusion model is an `Elsewhere`."""
+
+    def get_model_object(self, name):
+        return Elsewhere()

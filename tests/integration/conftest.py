@@ -105,3 +105,12 @@ def comfy() -> Comfy:
         except ImportError as error:
             pytest.skip(f"ComfyUI at {root} cannot be imported with this Python: {error}")
     return _COMFY
+
+
+@pytest.fixture
+def router_dir(comfy, tmp_path, monkeypatch):
+    """A temporary models/cachekit_routers folder."""
+    import folder_paths
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "cachekit_routers",
+                        ([str(tmp_path)], {".safetensors", ".pt", ".pth"}))
+    return tmp_path

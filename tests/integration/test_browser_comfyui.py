@@ -170,8 +170,14 @@ def test_a_workflow_runs_and_the_sidebar_and_badge_show_its_hit_rate(page, comfy
     card.wait_for(timeout=30_000)
     assert card.locator(".cachekit-hit-rate").inner_text() == expected
     assert card.locator("canvas.cachekit-heatmap").count() == 1 and card.locator("canvas.cachekit-steps").count() == 1
-    # The Gradio panel's client reads the same run from this real server.
+    # The cache's memory, formatted as core/telemetry.py's format_bytes does.
     import importlib.util
+    spec = importlib.util.spec_from_file_location("cachekit_telemetry", ROOT / "core" / "telemetry.py")
+    telemetry_module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)   # (a dataclass needs it there)
+    spec.loader.exec_module(telemetry_module)
+    assert run["telemetry"]["cache_bytes"] > 0
+    assert card.locator(".cachekit-cache-bytes").inner_text() == telemetry_module.format_bytes(run["telemetry"]["cache_bytes"])
+    # The Gradio panel's client reads the same run from this real server.
     spec = importlib.util.spec_from_file_location("cachekit_comfy_client", ROOT / "panel" / "comfy_client.py")
     client = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(client)

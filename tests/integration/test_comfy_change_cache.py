@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from .comfy_graph import Graph
+from .comfy_models import UnknownModelPatcher
 from .test_comfy_methods import STEPS, _count, _last_run, _sample, _unit_classes
 
 NODE = "CacheKitChangeCache"
@@ -75,12 +76,5 @@ def test_the_run_json_has_the_probe_values_and_the_node_refuses_unknown_models(c
     assert telemetry["method"] == "ChangeCache" and telemetry["probe_label"]
     assert len(telemetry["probe_values"]) == STEPS and telemetry["probe_values"][1] > 0
     apply_method = comfy.pack("nodes.method_nodes").apply_method
-
-    class Elsewhere(torch.nn.Module):
-        pass
-
-    class FakePatcher:
-        def get_model_object(self, name):
-            return Elsewhere()
     with pytest.raises(ValueError, match="ChangeCache does not support Elsewhere"):
-        apply_method("change", FakePatcher(), _settings(0.1))
+        apply_method("change", UnknownModelPatcher(), _settings(0.1))

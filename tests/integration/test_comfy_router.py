@@ -4,17 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .comfy_graph import Graph, tiny
+from .comfy_graph import Graph, tiny, train_router
 
 STEPS = 6
-
-
-@pytest.fixture
-def router_dir(comfy, tmp_path, monkeypatch):
-    import folder_paths
-    monkeypatch.setitem(folder_paths.folder_names_and_paths, "cachekit_routers",
-                        ([str(tmp_path)], {".safetensors", ".pt", ".pth"}))
-    return tmp_path
 
 
 def _pixart_router(comfy, path, method="harmonica", steps=STEPS, depth=None, seed=0):
@@ -103,19 +95,10 @@ def test_router_trained_by_the_node_applies_with_the_router_node(comfy, router_d
     from .comfy_graph import RESULTS
     original = tiny(family).patcher
     before = {k: v.clone() for k, v in original.get_model_object("diffusion_model").state_dict().items()}
-    g = Graph(family)
-    train = g.add("CacheKitTrainRouter", model=g.model, positive=[g.loader, 1], negative=[g.loader, 2],
-                  latent_image=[g.loader, 3], seed=3, steps=STEPS, cfg=2.0, scheduler="normal", method=method,
-                  iterations=3, l1=1e-3, lr=0.05, router_name=f"trained_{family}_{method}")
-    g.add("CKTestCaptureString", value=[train, 1], key=f"train-{method}-report")
-    comfy.run(g.prompt, comfy.fresh_executor())
-    saved = router_dir / f"trained_{family}_{method}.safetensors"
-    assert saved.exists() and f"Trained a {method} router" in RESULTS[f"train-{method}-report"]
-    router = comfy.pack("core.routers").load_router(saved)
+    router, saved = train_router(comfy, router_dir, family, method, steps=STEPS, iterations=3,
+                                 router_name=f"trained_{family}_{method}", key=f"train-{method}-report")
     layout = ("attn", "cross_attn", "mlp") if family in ("pixart", "wan") else ("block",)
     assert router.method == method and router.num_steps == STEPS and router.layout == layout
-    initial = torch.randn(router.logits.shape, generator=torch.Generator().manual_seed(3))
-    assert not torch.allclose(router.logits, initial)       # the gradient reached the logits through ComfyUI
     # The saved router through the Learned Router node, on the original (untouched) model.
     g = Graph(family).patch("CacheKitRouter", router_name=saved.name, threshold=0.0)
     g.sample(f"trained-{family}-{method}", steps=STEPS, cfg=2.0)

@@ -17,6 +17,7 @@ WORKFLOWS = sorted((Path(__file__).resolve().parents[2] / "workflows").glob("*.j
 FRONTEND_ONLY = {"Note", "MarkdownNote"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 MODEL_FILE = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".gguf", ".sft")
+IMAGE_FILE = (".png", ".jpg", ".jpeg", ".webp")
 
 
 def _inputs(cls, sections=("required", "optional")) -> list[tuple[str, object, dict]]:
@@ -40,6 +41,8 @@ def _check_value(node, name, type_, options, value):
     if choices is not None:
         if isinstance(value, str) and value.endswith(MODEL_FILE) and re.search(r"_name\d*$", name):
             return        # a model file: the lists are empty (or only built-ins) without model files
+        if isinstance(value, str) and value.endswith(IMAGE_FILE) and name == "image":
+            return        # an input image (LoadImage): the input folder is empty here
         assert value in choices, where
         return
     if type_ in ("INT", "FLOAT"):
@@ -57,7 +60,8 @@ def test_there_is_a_workflow_for_every_method_and_family():
     names = {p.stem for p in WORKFLOWS}
     assert {"deepcache_sd15", "deepcache_sdxl", "fora_sd3", "fora_flux", "fora_pixart", "fora_wan",
             "adaptive_skip_sd15", "stack_deepcache_adaptive_sd15", "autotune_deepcache_sd15", "router_pixart",
-            "fora_wan22_two_experts"} <= names
+            "fora_wan22_two_experts", "deepcache_sd21", "deepcache_sdxl_refiner", "deepcache_svd",
+            "fora_qwen_image", "fora_hunyuan_video", "fora_wan22_5b"} <= names
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
