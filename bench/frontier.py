@@ -169,6 +169,13 @@ def _who(brief: dict | None) -> str:
         else f"{brief['method']} {brief['setting']}"
 
 
+def _timing(meta: dict) -> str:
+    by_model = meta.get("timing_by_model")
+    if by_model and len(set(by_model.values())) > 1:
+        return "; ".join(f"{model}: {how}" for model, how in sorted(by_model.items()))
+    return (next(iter(by_model.values())) if by_model else meta.get("timing")) or "process CPU time"
+
+
 def _images(meta: dict) -> str:
     by_model = meta.get("images_by_model")
     if by_model and len(set(by_model.values())) > 1:
@@ -183,8 +190,8 @@ def to_markdown(result: dict) -> str:
         lines += [f"Command: `{meta.get('command', '?')}` ({meta.get('date', '?')}, "
                   f"{meta.get('runtime_min', '?')} min; "
                   f"{_images(meta)} images, {meta.get('steps', '?')} DDIM steps, CFG {meta.get('cfg', '?')}; "
-                  f"{meta.get('rounds', '?')} round(s) x {meta.get('passes', '?')} passes, CPU time of uncached and "
-                  f"method in lockstep, one thread).", ""]
+                  f"{meta.get('rounds', '?')} round(s) x {meta.get('passes', '?')} passes, one thread; speed: "
+                  f"{_timing(meta)}).", ""]
     lines += ["**Speed used for the frontier and the bands: the lower (more conservative) of the two passes' "
               "speedups for CacheKit rows, the higher for every alternative.** PSNR, SSIM and class accuracy are "
               "against the full-step uncached images (same seeds, same labels). P = Pareto-optimal in speed vs. "

@@ -61,6 +61,7 @@ from .methods import (CACHEKIT, Method, Setup, all_methods, cachekit_router, cal
 from .plot import scatter
 
 TOLERANCE = 0.05           # passes agree when max / min - 1 <= this
+TIMING = "CPU time of uncached and method in lockstep (turns per model call), steady allocator"
 UNCACHED = "uncached"
 
 
@@ -492,7 +493,7 @@ def main(argv=None):
                 "machine": f"{platform.machine()} CPU, torch {torch.__version__}, 1 thread",
                 "runtime_min": round((time.perf_counter() - started) / 60, 1), "steps": args.steps,
                 "images": args.images, "cfg": args.cfg, "rounds": args.rounds, "passes": args.passes,
-                "tolerance": args.tolerance, "models": args.models[:n + 1]}
+                "tolerance": args.tolerance, "models": args.models[:n + 1], "timing": TIMING}
         write_results(rows, meta, args.out, frontier=not args.no_frontier)     # after each model: a crash keeps it
     print(to_markdown(rows))
     print(f"\nwrote {args.out}/peers.* and frontier.* in {meta['runtime_min']} min")

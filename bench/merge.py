@@ -23,6 +23,15 @@ def _key(row: dict) -> tuple:
     return row["model"], row["origin"], row["method"], row["setting"]
 
 
+OLD_TIMING = "process CPU time, whole samplings alternated"       # runs before the lockstep harness
+
+
+def _covers(partial: dict, rows: list[dict], model: str) -> bool:
+    """Whether the partial re-measured every row of `model` the merged rows have."""
+    measured = {_key(r) for r in partial["rows"] if r["model"] == model}
+    return all(_key(r) in measured for r in rows if r["model"] == model and r["method"] != UNCACHED)
+
+
 def _models(rows: list[dict]) -> set[str]:
     return {r["model"] for r in rows}
 
@@ -33,8 +42,12 @@ def merge(base: dict, partials: list[dict]) -> dict:
     meta = dict(base.get("meta", {}))
     merged_from = list(meta.get("merged", []))
     images_by_model = dict(meta.get("images_by_model") or {m: meta.get("images") for m in _models(rows)})
+    timing_by_model = dict(meta.get("timing_by_model") or {m: meta.get("timing", OLD_TIMING) for m in _models(rows)})
     for partial in partials:
         new_models = _models(partial["rows"]) - _models(rows)
+        for model in _models(partial["rows"]):
+            if model in new_models or _covers(partial, rows, model):
+                timing_by_model[model] = partial.get("meta", {}).get("timing", OLD_TIMING)
         for model in new_models:
             images_by_model[model] = partial.get("meta", {}).get("images")
         for row in partial["rows"]:
@@ -49,7 +62,9 @@ def merge(base: dict, partials: list[dict]) -> dict:
     meta["merged"] = merged_from
     meta["images_by_model"] = images_by_model
     meta["models"] = sorted(_models(rows))
-    meta["command"] = meta.get("command", "?") + "; merged: " + "; ".join(merged_from)
+    meta.setdefault("base_command", meta.get("command", "?"))
+    meta["command"] = meta["base_command"] + "; merged: " + "; ".join(merged_from)
+    meta["timing_by_model"] = timing_by_model
     return {"meta": meta, "rows": rows}
 
 

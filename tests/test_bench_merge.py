@@ -1,7 +1,7 @@
 """Merging a partial benchmark run into a full one (bench/merge.py)."""
 import json
 
-from cachekit.bench.merge import main, merge
+from cachekit.bench.merge import OLD_TIMING, main, merge
 
 
 def _row(model, method, setting, psnr, speed, origin="CacheKit"):
@@ -39,7 +39,7 @@ def test_a_run_of_another_model_comes_whole_with_its_uncached_row_and_image_coun
                      "tolerance": 0.05, "date": "d", "machine": "m", "runtime_min": 1, "models": ["dit"]},
             "rows": [_row("dit", "uncached", "steps=25", float("inf"), 1.0, "-"),
                      _row("dit", "FORA", "N=2", 14.0, 1.5)]}
-    unet = {"meta": {"command": "unet run", "date": "d2", "images": 12, "models": ["unet"]},
+    unet = {"meta": {"command": "unet run", "date": "d2", "images": 12, "models": ["unet"], "timing": "lockstep"},
             "rows": [_row("unet", "uncached", "steps=25", float("inf"), 1.0, "-"),
                      _row("unet", "DeepCache", "N=3", 25.0, 2.3)]}
     merged = merge(base, [unet])
@@ -47,6 +47,9 @@ def test_a_run_of_another_model_comes_whole_with_its_uncached_row_and_image_coun
         ("dit", "FORA"), ("dit", "uncached"), ("unet", "DeepCache"), ("unet", "uncached")]
     assert merged["meta"]["images_by_model"] == {"dit": 24, "unet": 12}
     assert merged["meta"]["models"] == ["dit", "unet"]
+    # each model says how its speed was measured (the dit run predates the lockstep harness)
+    assert merged["meta"]["timing_by_model"] == {"dit": OLD_TIMING, "unet": "lockstep"}
+    assert merge(merged, [unet])["meta"]["command"].count("unet run") == 2      # base once, each merge listed once
     (tmp_path / "base.json").write_text(json.dumps(base))
     (tmp_path / "unet.json").write_text(json.dumps(unet))
     main([str(tmp_path / "base.json"), str(tmp_path / "unet.json"), "--out", str(tmp_path / "out")])

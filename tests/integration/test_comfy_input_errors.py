@@ -8,7 +8,7 @@ import importlib
 import pytest
 
 from .comfy_graph import Graph
-from .test_comfy_router import STEPS, _pixart_router, router_dir  # noqa: F401  (router_dir is a fixture)
+from .test_comfy_router import STEPS, _pixart_router
 
 
 def _errors(comfy, prompt) -> list[dict]:
@@ -31,7 +31,7 @@ def sampling_calls(comfy, monkeypatch):
     return calls
 
 
-def test_router_threshold_nan_is_refused_naming_the_value_and_the_range(comfy, router_dir):  # noqa: F811
+def test_router_threshold_nan_is_refused_naming_the_value_and_the_range(comfy, router_dir):
     # ComfyUI's own min/max check lets NaN through (every comparison with NaN is false).
     _pixart_router(comfy, router_dir / "r.safetensors")
     g = Graph("pixart").patch("CacheKitRouter", router_name="r.safetensors", threshold=float("nan"))
@@ -42,7 +42,7 @@ def test_router_threshold_nan_is_refused_naming_the_value_and_the_range(comfy, r
     assert "nan" in errors[0]["exception_message"]
 
 
-def test_router_on_a_unet_names_routers_and_deepcache_not_fora(comfy, router_dir):  # noqa: F811
+def test_router_on_a_unet_names_routers_and_deepcache_not_fora(comfy, router_dir):
     _pixart_router(comfy, router_dir / "r.safetensors")
     g = Graph("sd15").patch("CacheKitRouter", router_name="r.safetensors", threshold=0.0)
     g.sample("router-unet", steps=STEPS)
