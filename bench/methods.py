@@ -131,6 +131,58 @@ def cachekit_router(router, threshold: float | None = None, label: str | None = 
                   _models(registry.get("router")), install, "router", {"threshold": threshold})
 
 
+# -- DyDiT: the bundled tiny DyDiT (its own fine-tuned weights), alone and stacked ------------
+_DYDIT: dict = {}
+
+
+def _bundled_dydit():
+    """The bundled DyDiT, loaded once; each install hooks a copy over the same tensors."""
+    if "model" not in _DYDIT:
+        from ..tinymodels.bundled import load_dydit
+        _DYDIT["model"], _DYDIT["routers"] = load_dydit()
+    return _DYDIT["model"], _DYDIT["routers"]
+
+
+def _dydit_missing() -> str:
+    from ..tinymodels.bundled import dydit_paths
+    missing = [p.name for p in dydit_paths() if not p.is_file()]
+    return f"the bundled DyDiT ({', '.join(missing)}) is missing: scripts/train_dydit.py" if missing else ""
+
+
+def cachekit_dydit(partner: str | None = None, **settings) -> Method:
+    """The bundled DyDiT (tinymodels/train_dydit.py) under apply_dydit, alone or stacked with a
+    registered method (`partner`: "fora", "adaptive"; its settings as keywords). It samples with
+    its own fine-tuned weights, so its speedup and image quality are against the dense bundled
+    DiT, fine-tuning included. Telemetry: the partner's (its hit rate) when stacked."""
+    label = "+".join(["DyDiT"] + ([registry.get(partner).name] if partner else []))
+    if partner:
+        registry.get(partner).make_config(settings)
+
+    def install(denoiser, scheduler, steps):
+        from ..diffusers_host.dydit import apply_dydit
+        model, routers = _bundled_dydit()
+        d = _copy(model)
+        handles = [apply_dydit(d.network, routers, scheduler=scheduler)]
+        if partner:
+            handles.append(host.apply(d.network, partner, scheduler=scheduler, **settings))
+
+        def finish():
+            return [h.finish_run() for h in handles][-1]
+        return Setup(d, finish=finish)
+    from ..tinymodels.bundled import DYDIT
+    setting = f"lambda={int(DYDIT.rsplit('_', 1)[-1]) / 100:g}"
+    if partner:
+        setting += f" {registry.get(partner).label(settings)}"
+    return Method(label, setting, CACHEKIT, ("dit",), install, partner or "", dict(settings),
+                  unavailable=_dydit_missing())
+
+
+def dydit_methods() -> list[Method]:
+    """The bundled DyDiT's rows (scripts/bench_peers.py adds them to all_methods' rows: they are not
+    registered methods, so the registry's row checks do not cover them)."""
+    return [cachekit_dydit(), cachekit_dydit("fora", interval=2), cachekit_dydit("adaptive", delta=0.02, max_skip_steps=2)]
+
+
 # -- the trivial baseline: the same sampler with fewer steps ---------------------------------
 def fewer_steps(k: int) -> Method:
     """DDIM with k steps (same seeds, same labels), timed and scored against the full-step run."""

@@ -62,11 +62,11 @@ def comfy_runs(url):
 
 def generate(model, method, interval, branch, class_name, seed, steps, cfg, images, delta=engine.Request.delta,
              start_percent=engine.Request.start_percent, rounds=engine.Request.rounds, reuse=engine.Request.reuse,
-             threshold=engine.Request.threshold, progress=gr.Progress()):
+             threshold=engine.Request.threshold, dydit=engine.Request.dydit, progress=gr.Progress()):
     request = engine.Request(model=model, method=method, interval=int(interval), branch=int(branch),
                              class_name=class_name, seed=int(seed), steps=int(steps), cfg=float(cfg),
                              images=int(images), delta=float(delta), start_percent=float(start_percent),
-                             rounds=int(rounds), reuse=str(reuse), threshold=float(threshold))
+                             rounds=int(rounds), reuse=str(reuse), threshold=float(threshold), dydit=bool(dydit))
 
     def on_progress(text, done, total):
         progress(done / total, desc=text)
@@ -201,6 +201,9 @@ def build() -> gr.Blocks:
             images = gr.Slider(1, 8, value=engine.Request.images, step=1, label="Images", elem_id="images")
             rounds = gr.Slider(1, engine.MAX_ROUNDS, value=engine.Request.rounds, step=1, elem_id="rounds",
                                label="Timing rounds", info="more: the speedup gets a range")
+            dydit = gr.Checkbox(value=engine.Request.dydit, label="On the bundled DyDiT (tiny DiT)", elem_id="dydit",
+                                info="cached pass: the DiT fine-tuned with DyDiT routers (dynamic heads, MLP groups, "
+                                     "tokens) plus the method; alone: FORA interval 1")
         run = gr.Button("Generate", variant="primary", elem_id="generate")
         with gr.Row():
             # PNG, not the default WebP: lossless, so API users get the exact pixels.
@@ -258,7 +261,7 @@ def build() -> gr.Blocks:
         model.input(_methods_for, model, [method] + controls)
         method.change(_controls_for, method, controls)
         inputs = [model, method, interval, branch, class_name, seed, steps, cfg, images, delta, start_percent, rounds,
-                  reuse, threshold]
+                  reuse, threshold, dydit]
         run.click(generate, inputs, [uncached, cached, difference, summary, heatmap, step_plot, block_plot, stats,
                                      download], api_name="generate", concurrency_id="sampling")
         # Tunes and runs share one queue: both patch and time the same loaded model.

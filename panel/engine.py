@@ -13,7 +13,7 @@ import torch
 
 from ..core.methods import registry
 from ..diffusers_host import registry as host
-from ..tinymodels.bundled import WEIGHTS, load
+from ..tinymodels.bundled import WEIGHTS, dydit_paths, load, load_dydit
 from ..tinymodels.evaluate import to_uint8
 from ..core.quality import psnr
 from ..tinymodels.sampling import make_scheduler, sample
@@ -79,6 +79,12 @@ class Request:
     rounds: int = 1
     # DeepCache / FORA: how reused features are produced (hold, forecast1, forecast2; core/reuse.py).
     reuse: str = "hold"
+    # The cached pass samples the bundled DyDiT (the DiT fine-tuned with DyDiT routers: dynamic
+    # heads, MLP groups and tokens) under apply_dydit, stacked with the chosen method; the
+    # uncached pass stays the dense DiT. DyDiT alone: FORA with interval 1 (or AdaptiveDiffusion
+    # with delta 0), which reuses nothing. DyDiT needs its own fine-tuned model, so it is a switch
+    # on the DiT, not a registered method.
+    dydit: bool = False
 
     def settings(self) -> dict:
         """The chosen method's own settings, for summaries and the run's JSON."""
@@ -100,6 +106,8 @@ class Request:
                              "(the share of steps computed in full before FORA reuses anything).")
         if not 1 <= self.rounds <= MAX_ROUNDS:
             raise ValueError(f"rounds must be between 1 and {MAX_ROUNDS}.")
+        if self.dydit:
+            check_dydit(self.model)
 
 
 @dataclass
@@ -144,6 +152,57 @@ def model(kind: str):
     return _MODELS[kind]
 
 
+def check_dydit(kind: str) -> None:
+    if kind != "dit":
+        raise ValueError("DyDiT runs on the tiny DiT only (it routes a transformer's heads, MLP groups and tokens); "
+                         "switch the model to dit or turn DyDiT off.")
+    missing = [p.name for p in dydit_paths() if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"The bundled DyDiT ({', '.join(missing)}) is missing; train it with "
+                                "scripts/train_dydit.py --lam 0.5.")
+
+
+def dydit_model():
+    """The bundled DyDiT's denoiser and routers, loaded and warmed up once."""
+    if "dydit" not in _MODELS:
+        denoiser, routers = load_dydit()
+        sample(denoiser, torch.zeros(1, dtype=torch.long), steps=2)
+        _MODELS["dydit"] = (denoiser, routers)
+    return _MODELS["dydit"]
+
+
+class _DyDiTStack:
+    """apply_dydit on the bundled DyDiT, then the chosen method on the same model: one handle."""
+
+    def __init__(self, network, routers, scheduler, apply_method):
+        from ..diffusers_host.dydit import apply_dydit
+        self.dydit = apply_dydit(network, routers, scheduler=scheduler)
+        try:
+            self.method = apply_method()
+        except BaseException:
+            self.dydit.remove()
+            raise
+
+    def finish_run(self):
+        return _StackedTelemetry(self.method.finish_run(), self.dydit.finish_run())
+
+    def remove(self) -> None:
+        self.method.remove()
+        self.dydit.remove()
+
+
+@dataclass
+class _StackedTelemetry:
+    """The chosen method's telemetry (hit rates, heatmap), with DyDiT's under "dydit"."""
+    method: object
+    dydit: object
+
+    def as_dict(self) -> dict:
+        record = self.method.as_dict()
+        record["dydit"] = {**self.dydit.as_dict()["dydit"], "summary": self.dydit.summary()}
+        return record
+
+
 def method_settings(request: Request) -> dict:
     """The chosen method's keyword settings: its main settings from the panel's controls, plus
     what the panel supplies itself (the bundled router)."""
@@ -158,6 +217,10 @@ def _apply(request: Request, network, scheduler):
     if spec.key == "router" and not BUNDLED_ROUTER.exists():
         raise FileNotFoundError(f"The bundled router {BUNDLED_ROUTER.name} is missing; train it with "
                                 "scripts/train_router.py --steps 25.")
+    if request.dydit:
+        _, routers = dydit_model()
+        return _DyDiTStack(network, routers, scheduler,
+                           lambda: host.apply(network, spec.key, scheduler=scheduler, **method_settings(request)))
     return host.apply(network, spec.key, scheduler=scheduler, **method_settings(request))
 
 
@@ -166,6 +229,7 @@ def run(request: Request, progress: bool = True, on_progress=None) -> Result:
     before every step with e.g. "cached pass: step 3/25" (the panel's progress bar)."""
     request.check()
     denoiser = model(request.model)
+    cached_denoiser = dydit_model()[0] if request.dydit else denoiser
     labels = torch.full((request.images,), CLASSES.index(request.class_name))
     scheduler = make_scheduler(request.steps)
     total = 2 * request.steps * request.rounds
@@ -180,8 +244,8 @@ def run(request: Request, progress: bool = True, on_progress=None) -> Result:
             if on_progress is not None:
                 on_progress(f"{where}{name} pass: step {i + 1}/{request.steps}", done + i, total)
         start = time.perf_counter()
-        images = sample(denoiser, labels, steps=request.steps, cfg=request.cfg, seed=request.seed,
-                        scheduler=scheduler, progress=progress, on_step=on_step)
+        images = sample(cached_denoiser if handle is not None else denoiser, labels, steps=request.steps,
+                        cfg=request.cfg, seed=request.seed, scheduler=scheduler, progress=progress, on_step=on_step)
         seconds = time.perf_counter() - start
         step_s = list(np.diff(starts + [start + seconds]))
         telemetry = handle.finish_run().as_dict() if handle is not None else None
@@ -191,7 +255,7 @@ def run(request: Request, progress: bool = True, on_progress=None) -> Result:
     for r in range(request.rounds):
         reference, seconds, uncached_step_s, _ = one_pass("uncached", r)
         uncached_rounds.append(seconds)
-        handle = _apply(request, denoiser.network, scheduler)
+        handle = _apply(request, cached_denoiser.network, scheduler)
         try:
             cached, seconds, cached_step_s, telemetry = one_pass("cached", r, handle)
         finally:

@@ -67,8 +67,9 @@ def run_summary(request: engine.Request, result: engine.Result) -> str:
     t = result.telemetry
     timed = f" (median of {len(result.uncached_rounds)} rounds)" if len(result.uncached_rounds) > 1 else ""
     psnr = "identical" if math.isinf(result.psnr_db) else f"{result.psnr_db:.1f} dB"
+    on = " on the bundled DyDiT" if request.dydit else ""
     lines = [
-        f"### {request.method} on {model_name(request.model)}",
+        f"### {request.method}{on} on {model_name(request.model)}",
         f"**Settings** {settings_text(request)}",
         f"{request.steps} DDIM steps, CFG {request.cfg:g}, {request.images} × {request.class_name}, "
         f"seed {request.seed}",
@@ -77,6 +78,8 @@ def run_summary(request: engine.Request, result: engine.Result) -> str:
         *_hit_lines(t),
         f"**PSNR vs. uncached** {psnr}",
     ]
+    if t.get("dydit"):      # DyDiT's own work: the heads, MLP groups and tokens that ran
+        lines.append(f"**DyDiT** {t['dydit']['summary']} (against the dense DiT: the DyDiT's own weights)")
     return "  \n".join(lines)
 
 
@@ -112,6 +115,7 @@ def run_record(request: engine.Request, result: engine.Result) -> dict:
         "format": FORMAT,
         "model": request.model,
         "method": request.method,
+        "dydit": request.dydit,
         "settings": request.settings(),
         "sampling": {"sampler": "DDIM", "steps": request.steps, "cfg": request.cfg, "images": request.images,
                      "class": request.class_name, "seed": request.seed},
@@ -133,7 +137,8 @@ def write_json(record: dict, name: str) -> Path:
 
 
 def file_name(request: engine.Request) -> str:
-    return f"cachekit_{request.model}_{request.method}_{request.steps}steps_seed{request.seed}.json"
+    dydit = "_DyDiT" if request.dydit else ""
+    return f"cachekit_{request.model}{dydit}_{request.method}_{request.steps}steps_seed{request.seed}.json"
 
 
 # -- autotune ----------------------------------------------------------------------------------

@@ -77,6 +77,19 @@ def cases(f: dict[str, Path]) -> list[tuple[str, list[str], tuple[str, ...]]]:
         ("bench_peers", ["--router", str(f["text.safetensors"])], ("text.safetensors", "text file")),
         ("bench_peers", ["--router", f"{ROUTER}:2"], ("threshold must be between 0 and 1",)),
         ("bench_peers", ["--router", str(ROUTER), "--steps", "10"], ("trained for 25 sampling steps",)),
+        # scan_forecast_corrections
+        ("scan_forecast_corrections", ["--intervals", "1"], ("--intervals", "at least 2")),
+        ("scan_forecast_corrections", ["--fewer-steps", "30"], ("--fewer-steps must be below 25",)),
+        # convert_dydit
+        ("convert_dydit", [str(d / "missing.pt"), str(d / "o")], ("checkpoint not found",)),
+        ("convert_dydit", [str(f["text.pt"]), str(d / "o")], ("text.pt", "text file")),
+        ("convert_dydit", [str(f["junk.pt"]), str(d / "o")], ("junk.pt", "not a readable")),
+        ("convert_dydit", [str(f["renamed.pt"]), str(d / "o")], ("safetensors file",)),
+        # convert_dyflux
+        ("convert_dyflux", [str(d / "missing.pt"), str(d / "o.safetensors")], ("missing.pt",)),
+        ("convert_dyflux", [str(f["junk.pt"]), str(d / "o.txt")], ("must end in .safetensors",)),
+        ("convert_dyflux", [str(f["text.pt"]), str(d / "o.safetensors")], ("text.pt",)),
+        ("convert_dyflux", [str(f["renamed.pt"]), str(d / "o.safetensors")], ("renamed.pt",)),
         # evaluate_tiny
         ("evaluate_tiny", ["dit", "vae"], ("unknown model 'vae'",)),
         ("evaluate_tiny", ["--samples", "0"], ("--samples", "at least 1")),
@@ -84,6 +97,14 @@ def cases(f: dict[str, Path]) -> list[tuple[str, list[str], tuple[str, ...]]]:
         ("train_tiny", ["dit", "--minutes", "0"], ("--minutes", "> 0")),
         ("train_tiny", ["vae", "--minutes", "1"], ("invalid choice: 'vae'",)),
         ("train_tiny", ["unet", "--minutes", "1", "--teacher", "unet"], ("own teacher",)),
+        # train_dydit (never with valid arguments: it would train and write weights)
+        ("train_dydit", ["--lam", "0", "--iterations", "1", "--out", str(d)], ("--lam", "(0, 1]")),
+        ("train_dydit", ["--lam", "0.5", "--out", str(d)], ("--minutes or --iterations",)),
+        ("train_dydit", ["--iterations", "1", "--resume", "--out", str(d)], ("--resume", "no checkpoint")),
+        ("train_dydit", ["--iterations", "1", "--out", str(f["text.pt"])], ("--out", "is a file")),
+        # bench_dydit
+        ("bench_dydit", ["--steps", "0"], ("--steps", "at least 2")),
+        ("bench_dydit", ["--name", "dit_dydit_nope"], ("dit_dydit_nope", "train_dydit.py")),
     ]
 
 

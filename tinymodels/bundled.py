@@ -33,5 +33,28 @@ def load(kind: str) -> Denoiser:
     return Denoiser(kind, _load_into(BUILDERS[kind](), weights_path(kind)))
 
 
+# The bundled DyDiT: the DiT fine-tuned with DyDiT routers (tinymodels/train_dydit.py, lambda 0.5),
+# fp16 weights plus a router side-car (core/dydit/sidecar.py).
+DYDIT = "dit_dydit_50"
+
+
+def dydit_paths(name: str = DYDIT) -> tuple[Path, Path]:
+    """(the fine-tuned DiT's weights, its router side-car)."""
+    return WEIGHTS / f"{name}.safetensors", WEIGHTS / f"{name}.routers.safetensors"
+
+
+def load_dydit(name: str = DYDIT):
+    """The bundled tiny DyDiT: (Denoiser of the fine-tuned DiT, fp32 on CPU; its DyDiTRouters).
+    Run it with `cachekit.apply_dydit(denoiser.network, routers)`; without it, the DiT runs dense."""
+    from ..core.dydit.sidecar import load_routers
+    weights, routers = dydit_paths(name)
+    missing = [p.name for p in (weights, routers) if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"The bundled DyDiT file(s) {', '.join(missing)} are missing; train them with "
+                                "`python scripts/train_dydit.py --lam LAMBDA --minutes N` (files dit_dydit_<100 x "
+                                "LAMBDA>.*).")
+    return Denoiser("dit", _load_into(BUILDERS["dit"](), weights)), load_routers(routers)
+
+
 def load_classifier() -> ShapeClassifier:
     return _load_into(ShapeClassifier(), WEIGHTS / "classifier.safetensors")
