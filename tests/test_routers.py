@@ -176,6 +176,9 @@ def test_pickles_with_code_are_refused_and_nothing_runs(tmp_path):
     for name in ("evil.pt", "evil.pth"):
         with pytest.raises(RouterError, match="refused|not a readable"):
             load_official(tmp_path / name)
+    # the zip format names the refused class (torch words it "unsupported GLOBAL ..." here)
+    with pytest.raises(RouterError, match=r"evil\.pt was refused: it asks to build (posix|os|nt)\.system"):
+        load_official(tmp_path / "evil.pt")
         with pytest.raises(RouterError):
             apply_router(_tiny_dit(), tmp_path / name, num_inference_steps=1)
     assert not marker.exists(), "code from the file ran"

@@ -35,13 +35,13 @@ from __future__ import annotations
 
 import argparse
 import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from ..routers.safe_load import RefusedGlobal, UnreadableCheckpoint, load_weights_only
 from ..routers.sniff import content_kind
 from ..telemetry import RunTelemetry
 
@@ -229,24 +229,14 @@ def read_official(path: str | Path) -> DyFluxRouters:
 
 
 def _torch_load(path: Path):
-    def load(mmap: bool):
-        with torch.serialization.safe_globals(ALLOWED_GLOBALS), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            # mmap: the official file holds the whole 8B transformer; only the router tensors are read.
-            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
     try:
-        try:
-            return load(mmap=True)
-        except RuntimeError as error:
-            if "mmap" not in str(error).lower():      # legacy (non-zip) format: no mmap
-                raise
-            return load(mmap=False)
-    except Exception as error:       # the weights-only unpickler runs no code: any failure is a bad file
-        refused = re.search(r"unsupported (?:global: )?GLOBAL ([\w.]+)", str(error), re.IGNORECASE)
-        if refused:
-            raise DyFluxError(f"{path.name} was refused: it asks to build {refused.group(1)}, and only tensors, plain "
-                              f"containers and {', '.join(c.__name__ for c in ALLOWED_GLOBALS)} are allowed. CacheKit "
-                              f"never runs code from a file; use {_CHECKPOINT}.") from error
+        # mmap: the official file holds the whole 8B transformer; only the router tensors are read.
+        return load_weights_only(path, ALLOWED_GLOBALS, mmap=True)
+    except RefusedGlobal as refused:
+        raise DyFluxError(f"{path.name} was refused: it asks to build {refused.name}, and only tensors, plain "
+                          f"containers and {', '.join(c.__name__ for c in ALLOWED_GLOBALS)} are allowed. CacheKit "
+                          f"never runs code from a file; use {_CHECKPOINT}.") from refused
+    except UnreadableCheckpoint as error:
         raise DyFluxError(f"{path.name} is not a readable PyTorch checkpoint: it is damaged (truncated?) or not "
                           f"{_CHECKPOINT}.") from error
 

@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import argparse
 import re
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..routers.safe_load import RefusedGlobal, UnreadableCheckpoint, load_weights_only
 from ..routers.sniff import content_kind
 from .routers import RouterShape
 from .sidecar import DyDiTFileError
@@ -62,18 +62,14 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     if kind in ("empty", "text"):
         raise DyDiTFileError(f"{path.name} is {'empty' if kind == 'empty' else 'a text file'}, not a DyDiT checkpoint.")
     try:
-        with torch.serialization.safe_globals(ALLOWED_GLOBALS), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            data = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as error:       # the weights-only unpickler runs no code: any failure means a bad file
-        refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
-        if refused:
-            raise DyDiTFileError(
-                f"{path.name} was refused: it asks to build {refused.group(1)}, and only tensors, plain containers "
-                f"and {', '.join(c.__name__ for c in ALLOWED_GLOBALS)} are allowed. CacheKit never runs code from a "
-                "checkpoint; if the file is yours, save its state dict alone (torch.save(model.state_dict(), ...)).") \
-                from error
-        # torch's text is left out: it suggests weights_only=False, which would run the file's code.
+        data = load_weights_only(path, ALLOWED_GLOBALS)
+    except RefusedGlobal as refused:
+        raise DyDiTFileError(
+            f"{path.name} was refused: it asks to build {refused.name}, and only tensors, plain containers "
+            f"and {', '.join(c.__name__ for c in ALLOWED_GLOBALS)} are allowed. CacheKit never runs code from a "
+            "checkpoint; if the file is yours, save its state dict alone (torch.save(model.state_dict(), ...)).") \
+            from refused
+    except UnreadableCheckpoint as error:
         raise DyDiTFileError(f"{path.name} is not a readable PyTorch checkpoint: it is damaged (truncated?) or not a "
                              "DyDiT checkpoint.") from error
     return unwrap(data, path.name)

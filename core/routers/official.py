@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import re
-import warnings
 from pathlib import Path
 
 import torch
 
 from .format import Router, RouterError
+from .safe_load import RefusedGlobal, UnreadableCheckpoint, load_weights_only
 from .sniff import wrong_content
 
 ALLOWED_GLOBALS = [argparse.Namespace]
@@ -43,17 +43,12 @@ def _torch_load(path: Path):
     if wrong:
         raise RouterError(wrong)
     try:
-        # torch warns about odd pickle protocols before failing on a junk file: the user gets our message only.
-        with torch.serialization.safe_globals(ALLOWED_GLOBALS), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as error:      # the weights-only unpickler runs no code: any failure means a bad file
-        refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
-        if refused:
-            raise RouterError(f"{path.name} was refused: it asks to build {refused.group(1)}, and only tensors, plain "
-                              f"containers and {', '.join(c.__name__ for c in ALLOWED_GLOBALS)} are allowed. It is not "
-                              "an official L2C router; CacheKit never runs code from a file.") from error
-        # torch's own text is left out: it suggests weights_only=False, which would run the file's code.
+        return load_weights_only(path, ALLOWED_GLOBALS)
+    except RefusedGlobal as refused:
+        raise RouterError(f"{path.name} was refused: it asks to build {refused.name}, and only tensors, plain "
+                          f"containers and {', '.join(c.__name__ for c in ALLOWED_GLOBALS)} are allowed. It is not "
+                          "an official L2C router; CacheKit never runs code from a file.") from refused
+    except UnreadableCheckpoint as error:
         raise RouterError(f"{path.name} is not a readable PyTorch router file: it is damaged (truncated?) or not an "
                           "official L2C router.") from error
 
