@@ -191,6 +191,16 @@ FAMILIES = tuple(SPECS)
 STATE_DICTS: Dict[str, Callable[[], dict]] = {"stable_audio": _stable_audio_state_dict}
 
 
+def _fill_rotary_frequencies(model: torch.nn.Module) -> None:
+    """Stable Audio's RotaryEmbedding allocates `inv_freq` with torch.empty and expects it from the
+    checkpoint; a tiny model has none, so the buffer held whatever memory it got (sometimes NaN).
+    Fill it with the formula the checkpoint holds (ComfyUI's comment: 1 / base^(2i / dim))."""
+    for module in model.modules():
+        if type(module).__name__ == "RotaryEmbedding" and isinstance(getattr(module, "inv_freq", None), torch.Tensor):
+            half = module.inv_freq.shape[0]
+            module.inv_freq.copy_(1.0 / (10000 ** (torch.arange(0, 2 * half, 2).float() / (2 * half))))
+
+
 def build(family: str, seed: int, tiny_cls: type) -> Any:
     import comfy.supported_models
 
@@ -199,6 +209,8 @@ def build(family: str, seed: int, tiny_cls: type) -> Any:
     class_name, unet_factory, extra, shape, width = SPECS[family]
     model_config = getattr(comfy.supported_models, class_name)(unet_factory())
     patcher, gen = instantiate(model_config, seed, STATE_DICTS[family]() if family in STATE_DICTS else None)
+    if family == "stable_audio":
+        _fill_rotary_frequencies(patcher.model.diffusion_model)
 
     def conditioning():
         cond = torch.randn((1, TOKENS, width), generator=gen)
