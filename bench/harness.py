@@ -206,6 +206,14 @@ def _install(method: Method, base: Denoiser, steps: int) -> Setup:
     return setup
 
 
+def calibrated_magcache(base: Denoiser, labels, steps: int, cfg: float, seed: int) -> dict:
+    """MagCache's magnitude ratios for `steps` steps, calibrated on this model, labels and seed."""
+    def calibration_run(method):
+        setup = _install(method, base, steps)
+        _run(setup, base, labels, steps, cfg, seed)
+    return {steps: calibrate_magcache(base, steps, calibration_run)}
+
+
 def _rss_mib(field: str) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -279,10 +287,7 @@ def bench_model(kind: str, methods: list[Method], *, steps: int, images: int, cf
     plain_memory = _peak_memory(run_plain)
     methods = [m for m in methods if kind in m.models]
     if kind == "dit" and any(m.name == "MagCache" and not m.unavailable for m in methods):
-        def calibration_run(method):
-            setup = _install(method, base, steps)
-            _run(setup, base, labels, steps, cfg, seed)
-        ratios = {steps: calibrate_magcache(base, steps, calibration_run)}
+        ratios = calibrated_magcache(base, labels, steps, cfg, seed)
         at = next(i for i, m in enumerate(methods) if m.name == "MagCache")
         others = [m for m in methods if m.name != "MagCache"]
         before = sum(1 for m in methods[:at] if m.name != "MagCache")

@@ -77,6 +77,10 @@ def cases(f: dict[str, Path]) -> list[tuple[str, list[str], tuple[str, ...]]]:
         ("bench_peers", ["--router", str(f["text.safetensors"])], ("text.safetensors", "text file")),
         ("bench_peers", ["--router", f"{ROUTER}:2"], ("threshold must be between 0 and 1",)),
         ("bench_peers", ["--router", str(ROUTER), "--steps", "10"], ("trained for 25 sampling steps",)),
+        # check_quality
+        ("check_quality", ["--peers", str(d / "missing.json")], ("missing.json",)),
+        ("check_quality", ["--peers", str(f["text.pt"])], ("text.pt", "not a peer benchmark")),
+        ("check_quality", ["--images", "0"], ("--images", "at least 1")),
         # scan_forecast_corrections
         ("scan_forecast_corrections", ["--intervals", "1"], ("--intervals", "at least 2")),
         ("scan_forecast_corrections", ["--fewer-steps", "30"], ("--fewer-steps must be below 25",)),

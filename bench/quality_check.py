@@ -1,0 +1,255 @@
+"""The frontier's deciding rows re-scored on more images (quality only, nothing timed).
+
+    python scripts/check_quality.py [--peers bench/results/peers.json] [--images 96] [--out bench/results]
+
+The peer benchmark scores every row on 12 images, where one image moves class accuracy by 8
+points: "CacheKit's best has class accuracy not below the best alternative" cannot be decided
+there. This re-runs, on `--images` images (same seeds and labels scheme, same sampler, same CFG),
+only the rows that decide a verdict: per model and speed band CacheKit's best and the best
+alternative (bench/frontier.py's band summary), and each unit method's best forecast setting
+(FORA on the DiT, DeepCache on the U-Net) with the fewer-steps rows of its model. Speeds stay
+the peer benchmark's (quality does not depend on timing).
+
+Per row: PSNR and SSIM vs. the full-step uncached images, class accuracy with its 95 % Wilson
+interval, and agreement (the classifier gives the image the class it gives the uncached image).
+Writes `quality_check.md` and `quality_check.json`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..core.quality import psnr, ssim
+from ..tinymodels.bundled import load, load_classifier
+from ..tinymodels.shapes import NUM_CLASSES
+from . import frontier
+from .cli import existing_file, int_at_least, run_cli
+from .harness import _install, _run, calibrated_magcache
+from .methods import FEWER_STEPS, Method, all_methods, dydit_methods, fewer_steps
+
+UNIT_METHODS = {"dit": "FORA", "unet": "DeepCache"}     # the issue's "each unit method with forecasting"
+
+
+def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion (sound at 0 and n, unlike the normal one)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def _ident(row: dict) -> tuple[str, str, str]:
+    return (row["origin"], row["method"], row["setting"])
+
+
+def deciding_rows(rows: list[dict]) -> dict[str, list[dict]]:
+    """Per model, the peer rows whose quality decides a verdict (each once, in speed order)."""
+    summary = frontier.build(rows)
+    wanted: dict[str, dict[tuple, dict]] = {}
+    by_ident = {(r["model"], *_ident(r)): r for r in rows if frontier.ok(r)}
+
+    def want(model: str, brief: dict | None) -> None:
+        if brief is not None:
+            row = by_ident[(model, *_ident(brief))]
+            wanted.setdefault(model, {})[_ident(row)] = row
+    for band in summary["bands"]:
+        want(band["model"], band["cachekit"])
+        want(band["model"], band["alternative"])
+    for entry in summary["forecast"]:
+        if UNIT_METHODS.get(entry["model"]) == entry["method"]:
+            want(entry["model"], entry["best"])
+            for r in rows:
+                if r["model"] == entry["model"] and r["origin"] == FEWER_STEPS and frontier.ok(r):
+                    want(entry["model"], r)
+    return {model: sorted(found.values(), key=frontier.band_speed) for model, found in wanted.items()}
+
+
+def _methods_for(kind: str, rows: list[dict], magcache_ratios: dict | None) -> dict[tuple, Method]:
+    fewer = sorted({r["settings"]["steps"] for r in rows if r["origin"] == FEWER_STEPS})
+    known = all_methods(magcache_ratios=magcache_ratios or {}, fewer=[]) + dydit_methods()
+    known += [fewer_steps(k) for k in fewer]
+    return {(m.origin, m.name, m.setting): m for m in known if kind in m.models}
+
+
+def score(kind: str, rows: list[dict], *, steps: int, images: int, cfg: float, seed: int = 0,
+          progress: bool = True) -> list[dict]:
+    """Quality of `rows` (peer rows of model `kind`) on `images` images; the uncached row first."""
+    base, classifier = load(kind), load_classifier()
+    labels = torch.arange(images) % NUM_CLASSES
+    reference = _run(None, base, labels, steps, cfg, seed)
+
+    @torch.no_grad()
+    def predicted(batch: torch.Tensor) -> torch.Tensor:
+        return classifier(batch).argmax(1)
+    reference_class = predicted(reference)
+    ratios = None
+    if any(r["method"] == "MagCache" for r in rows):
+        ratios = calibrated_magcache(base, labels, steps, cfg, seed)
+    methods = _methods_for(kind, rows, ratios)
+    missing = [" ".join(_ident(r)) for r in rows if _ident(r) not in methods]
+    if missing:
+        raise ValueError(f"cannot rebuild {', '.join(missing)} on the {kind} (a learned router or a peer this "
+                         f"install lacks); re-run the peer benchmark without them")
+
+    def entry(row: dict | None, output: torch.Tensor) -> dict:
+        classes = predicted(output)
+        correct = int((classes == labels).sum())
+        low, high = wilson(correct, images)
+        brief = ({"origin": "-", "method": "uncached", "setting": f"steps={steps}", "speed": 1.0} if row is None
+                 else {"origin": row["origin"], "method": row["method"], "setting": row["setting"],
+                       "speed": frontier.band_speed(row), "accuracy_12": row.get("accuracy"),
+                       "psnr_db_12": row.get("psnr_db")})
+        return {**brief, "psnr_db": round(psnr(reference, output), 2), "ssim": round(ssim(reference, output), 4),
+                "accuracy": round(correct / images, 4), "accuracy_ci95": [round(low, 4), round(high, 4)],
+                "agreement": round(float((classes == reference_class).float().mean()), 4)}
+    out = [entry(None, reference)]
+    for row in tqdm(rows, desc=f"{kind}: quality on {images} images", unit="row", disable=not progress):
+        setup = _install(methods[_ident(row)], base, steps)
+        output = _run(setup, base, labels, steps, cfg, seed)
+        setup.finish()
+        out.append(entry(row, output))
+    return out
+
+
+def verdicts(rows: list[dict], scored: dict[str, list[dict]]) -> dict:
+    """The band and forecast verdicts of bench/frontier.py, with the re-scored quality."""
+    summary = frontier.build(rows)
+    find = lambda model, brief: next(s for s in scored[model] if brief is not None and
+                                     (s["origin"], s["method"], s["setting"]) == _ident(brief))
+    bands = []
+    for band in summary["bands"]:
+        if band["model"] not in scored or band["cachekit"] is None or band["alternative"] is None:
+            continue
+        ours, theirs = find(band["model"], band["cachekit"]), find(band["model"], band["alternative"])
+        bands.append({"model": band["model"], "band": band["band"], "cachekit": ours, "alternative": theirs,
+                      "margin_db": round(ours["psnr_db"] - theirs["psnr_db"], 2),
+                      "margin_met": ours["psnr_db"] - theirs["psnr_db"] >= 1.0,
+                      "accuracy_not_below": ours["accuracy"] >= theirs["accuracy"]})
+    forecast = []
+    for model, method in UNIT_METHODS.items():
+        if model not in scored:
+            continue
+        entry = next((e for e in summary["forecast"] if e["model"] == model and e["method"] == method), None)
+        if entry is None:
+            continue
+        best = find(model, entry["best"])
+        fewer = [s for s in scored[model] if s["origin"] == FEWER_STEPS]
+        baseline = _interpolate(fewer, best["speed"], "psnr_db")
+        forecast.append({"model": model, "method": method, "best": best,
+                         "fewer_steps_psnr_db": None if baseline is None else round(baseline, 2),
+                         "fewer_steps_accuracy": _round(_interpolate(fewer, best["speed"], "accuracy"), 4),
+                         "margin_db": None if baseline is None else round(best["psnr_db"] - baseline, 2)})
+    return {"bands": bands, "forecast": forecast}
+
+
+def _round(value, digits):
+    return None if value is None else round(value, digits)
+
+
+def _interpolate(points: list[dict], speed: float, key: str) -> float | None:
+    """`key` linearly interpolated in speed between the two fewer-steps rows around `speed`."""
+    pts = sorted((p["speed"], p[key]) for p in points)
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x0 <= speed <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (speed - x0) / (x1 - x0)
+    return None
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _ci(s: dict) -> str:
+    low, high = s["accuracy_ci95"]
+    return f"{_pct(s['accuracy'])} [{100 * low:.0f}-{100 * high:.0f}]"
+
+
+def _who(s: dict) -> str:
+    return f"{s['method']} {s['setting']} ({s['origin']})" if s["origin"] != "CacheKit" else \
+        f"{s['method']} {s['setting']}"
+
+
+def to_markdown(result: dict) -> str:
+    meta = result["meta"]
+    lines = [f"# The deciding rows on {meta['images']} images", "",
+             f"Command: `{meta['command']}` ({meta['date']}, {meta['runtime_min']} min; rows and speeds from "
+             f"{meta['peers']}, measured {meta['peers_date']} on {meta['peers_images']} images).", "",
+             "Quality only: PSNR / SSIM vs. the full-step uncached images, class accuracy with its 95 % Wilson "
+             "interval, agreement = the classifier gives the image the uncached image's class. Speed: the peer "
+             "benchmark's conservative speed (CacheKit: its slower pass; alternatives: their faster).", "",
+             "## Speed bands", "",
+             "| model | band | CacheKit best | speed | PSNR | accuracy [95 %] | agree | best alternative | speed | PSNR "
+             "| accuracy [95 %] | agree | margin (dB) | accuracy not below |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for b in result["bands"]:
+        o, t = b["cachekit"], b["alternative"]
+        lines.append(f"| {b['model']} | >= {b['band']}x | {_who(o)} | {o['speed']:.2f} | {o['psnr_db']:.2f} | {_ci(o)} "
+                     f"| {_pct(o['agreement'])} | {_who(t)} | {t['speed']:.2f} | {t['psnr_db']:.2f} | {_ci(t)} "
+                     f"| {_pct(t['agreement'])} | {b['margin_db']:+.2f} | {'yes' if b['accuracy_not_below'] else '**no**'} |")
+    lines += ["", "## Unit methods with forecasting vs. fewer steps at the same speed", "",
+              "| model | method | setting | speed | PSNR | accuracy [95 %] | fewer steps there: PSNR | accuracy "
+              "| margin (dB) |", "|---|---|---|---|---|---|---|---|---|"]
+    for f in result["forecast"]:
+        s = f["best"]
+        margin = "-" if f["margin_db"] is None else f"{f['margin_db']:+.2f}"
+        lines.append(f"| {f['model']} | {f['method']} | {s['setting']} | {s['speed']:.2f} | {s['psnr_db']:.2f} "
+                     f"| {_ci(s)} | {f['fewer_steps_psnr_db']} | {_pct(f['fewer_steps_accuracy'])} | {margin} |")
+    lines += ["", "## Every re-scored row", "",
+              "| model | origin | method | setting | speed | PSNR (12 images) | PSNR | SSIM | accuracy (12 images) "
+              "| accuracy [95 %] | agree |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for model, scored in result["rows"].items():
+        for s in scored:
+            lines.append(f"| {model} | {s['origin']} | {s['method']} | {s['setting']} | {s['speed']:.2f} "
+                         f"| {s.get('psnr_db_12', '-')} | {s['psnr_db']} | {s['ssim']} "
+                         f"| {_pct(s.get('accuracy_12'))} | {_ci(s)} | {_pct(s['agreement'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="check_quality.py", description="Re-score the frontier's deciding rows "
+                                     "(band winners, forecast vs. fewer steps) on more images; nothing is timed.")
+    parser.add_argument("--peers", type=existing_file, default=Path("bench/results/peers.json"),
+                        help="the peer benchmark's peers.json (default bench/results/peers.json)")
+    parser.add_argument("--images", type=int_at_least(1), default=96)
+    parser.add_argument("--models", nargs="+", choices=("dit", "unet"), default=["dit", "unet"])
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = parser.parse_args(argv)
+    try:
+        rows, meta = frontier.load_rows(args.peers)
+        if not isinstance(rows, list) or not all(isinstance(r, dict) and "model" in r for r in rows):
+            raise ValueError
+    except (ValueError, KeyError, UnicodeDecodeError):
+        parser.error(f"--peers {args.peers} is not a peer benchmark's peers.json (scripts/bench_peers.py writes one)")
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    chosen = {m: r for m, r in deciding_rows(rows).items() if m in args.models}
+    if not chosen:
+        parser.error(f"--peers {args.peers} has no speed-band rows for {', '.join(args.models)}")
+    scored = {model: score(model, model_rows, steps=meta.get("steps", 25), images=args.images,
+                           cfg=meta.get("cfg", 3.0)) for model, model_rows in chosen.items()}
+    result = {"meta": {"command": " ".join(["python", "scripts/check_quality.py",
+                                            *(sys.argv[1:] if argv is None else argv)]),
+                       "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                       "runtime_min": round((time.perf_counter() - started) / 60, 1), "images": args.images,
+                       "peers": str(args.peers), "peers_date": meta.get("date", "?"),
+                       "peers_images": meta.get("images", "?")},
+              "rows": scored, **verdicts(rows, scored)}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "quality_check.json").write_text(json.dumps(result, indent=1))
+    text = to_markdown(result)
+    (args.out / "quality_check.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,93 @@
+"""The frontier's deciding rows re-scored on more images (bench/quality_check.py, issue 14):
+which rows are picked, the accuracy interval, the verdicts, and one real scoring run."""
+from __future__ import annotations
+
+import pytest
+
+from cachekit.bench import quality_check as qc
+
+
+def _row(origin, method, setting, psnr, passes, model="unet", accuracy=0.5, **settings):
+    return {"model": model, "origin": origin, "method": method, "setting": setting, "status": "ok",
+            "speedup": max(passes), "speedup_passes": passes, "psnr_db": psnr, "accuracy": accuracy,
+            "settings": settings}
+
+
+ROWS = [_row("-", "uncached", "steps=25", float("inf"), [1.0, 1.0], steps=25),
+        _row("fewer steps", "DDIM", "steps=16", 21.0, [1.6, 1.66], steps=16),
+        _row("fewer steps", "DDIM", "steps=10", 16.0, [2.5, 2.49], steps=10),
+        _row("CacheKit", "DeepCache", "N=3 branch=1 reuse=forecast1", 27.0, [2.19, 2.23], interval=3, branch=1,
+             reuse="forecast1"),
+        _row("CacheKit", "DeepCache", "N=2 branch=0", 25.0, [1.67, 1.68], interval=2, branch=0),
+        _row("deepcache (official)", "DeepCache", "N=2 branch=0", 25.0, [2.06, 1.89]),
+        _row("CacheKit", "DeepCache", "N=5 branch=0", 17.0, [4.0, 4.1], interval=5, branch=0)]
+
+
+def test_wilson_interval_is_sound_at_the_edges_and_narrows_with_more_images():
+    assert qc.wilson(0, 10)[0] == 0.0 and qc.wilson(10, 10)[1] == 1.0
+    low, high = qc.wilson(8, 12)
+    assert low < 8 / 12 < high
+    low96, high96 = qc.wilson(64, 96)
+    assert high96 - low96 < high - low
+    assert qc.wilson(64, 96) == pytest.approx((0.568, 0.753), abs=0.002)     # textbook value
+
+
+def test_deciding_rows_are_band_winners_and_the_unit_method_against_fewer_steps():
+    picked = qc.deciding_rows(ROWS)["unet"]
+    names = [(r["origin"], r["setting"]) for r in picked]
+    # >= 1.5x and >= 2x: CacheKit's forecast DeepCache (27 dB) vs the official package (its faster pass
+    # 2.06); >= 2.5x: N=5 vs fewer steps at 2.5; the forecast row with every fewer-steps row.
+    assert ("CacheKit", "N=3 branch=1 reuse=forecast1") in names
+    assert ("deepcache (official)", "N=2 branch=0") in names
+    assert ("CacheKit", "N=5 branch=0") in names
+    assert ("fewer steps", "steps=16") in names and ("fewer steps", "steps=10") in names
+    assert ("CacheKit", "N=2 branch=0") not in names                     # decides nothing
+    assert len(names) == len(set(names))
+    speeds = [qc.frontier.band_speed(r) for r in picked]
+    assert speeds == sorted(speeds)
+
+
+def _scored(setting, psnr, accuracy, speed, origin="CacheKit", method="DeepCache"):
+    return {"origin": origin, "method": method, "setting": setting, "speed": speed, "psnr_db": psnr,
+            "accuracy": accuracy, "accuracy_ci95": [0, 1], "agreement": accuracy, "ssim": 0.9}
+
+
+def test_verdicts_use_the_rescored_quality_not_the_twelve_image_one():
+    scored = {"unet": [_scored("steps=25", float("inf"), 0.9, 1.0, "-", "uncached"),
+                       _scored("steps=16", 20.0, 0.6, 1.66, "fewer steps", "DDIM"),
+                       _scored("steps=10", 15.0, 0.4, 2.5, "fewer steps", "DDIM"),
+                       _scored("N=3 branch=1 reuse=forecast1", 26.0, 0.7, 2.19),
+                       _scored("N=2 branch=0", 25.5, 0.8, 2.06, "deepcache (official)"),
+                       _scored("N=5 branch=0", 18.0, 0.3, 4.0)]}
+    result = qc.verdicts(ROWS, scored)
+    bands = {b["band"]: b for b in result["bands"]}
+    assert bands[1.5]["margin_db"] == pytest.approx(0.5) and not bands[1.5]["margin_met"]
+    assert not bands[1.5]["accuracy_not_below"]                             # 0.7 < 0.8 on the re-scored images
+    assert bands[2.5]["alternative"]["setting"] == "steps=10" and not bands[2.5]["accuracy_not_below"]
+    (fc,) = result["forecast"]
+    # fewer steps interpolated at 2.19 between (1.66, 20) and (2.5, 15)
+    assert fc["fewer_steps_psnr_db"] == pytest.approx(20 - 5 * (2.19 - 1.66) / (2.5 - 1.66), abs=0.01)
+    assert fc["margin_db"] == pytest.approx(26.0 - fc["fewer_steps_psnr_db"], abs=0.01)
+    text = qc.to_markdown({"meta": {"images": 96, "command": "c", "date": "d", "runtime_min": 1, "peers": "p",
+                                    "peers_date": "d", "peers_images": 12}, "rows": scored, **result})
+    assert "| unet | >= 1.5x |" in text and "**no**" in text
+
+
+def test_scoring_reruns_each_row_on_the_bundled_model():
+    rows = [r for r in ROWS if r["origin"] in ("fewer steps", "CacheKit") and r["setting"] != "N=5 branch=0"]
+    scored = qc.score("unet", rows, steps=25, images=3, cfg=3.0, progress=False)
+    assert scored[0]["method"] == "uncached" and scored[0]["psnr_db"] == float("inf")
+    assert scored[0]["agreement"] == 1.0
+    by = {s["setting"]: s for s in scored[1:]}
+    assert set(by) == {r["setting"] for r in rows}
+    for s in by.values():                       # every row really changed the images, and is scored
+        assert 5 < s["psnr_db"] < 60 and 0 <= s["accuracy"] <= 1
+        low, high = s["accuracy_ci95"]
+        assert low <= s["accuracy"] <= high
+    assert by["steps=10"]["psnr_db"] < by["steps=16"]["psnr_db"]
+
+
+def test_rows_that_cannot_be_rebuilt_are_named():
+    odd = [_row("cache-dit", "Warp", "x=1", 20.0, [2.0, 2.0])]
+    with pytest.raises(ValueError, match="Warp x=1"):
+        qc.score("unet", odd, steps=25, images=2, cfg=3.0, progress=False)
