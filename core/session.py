@@ -20,7 +20,8 @@ How a stored value becomes an output is a reuse strategy (core/reuse.py).
 Only what a later computed unit reads is stored: with the unit map's readers, a unit reused on a
 step where no computed unit reads its output returns an uninitialised placeholder of the right
 shape (the host's glue, e.g. a U-Net's skip-connection `cat`, still needs one), so DeepCache at
-branch 0 keeps one tensor instead of the whole deep region. Stored values are copied only on
+branch 0 keeps one tensor instead of the whole deep region. Placeholders hold one element each
+(stride-0 expansions), except on calls whose host edits outputs in place. Stored values are copied only on
 calls where the host edits unit outputs in place (ComfyUI's ControlNet `h += ctrl`, FreeU).
 
 Units find the session of the call they are part of through a context variable keyed by the
@@ -42,8 +43,8 @@ from .clock import StepClock
 from .flops import FlopProfiler
 from .methods.base import Policy
 from .reuse import HOLD, add_residual, residual_of
-from .streams import (CallLayout, StreamStore, TensorSpec, Tree, empty_from_specs, input_signature, tensor_specs,
-                      tree_bytes, tree_map)
+from .streams import (CallLayout, StreamStore, TensorSpec, Tree, empty_from_specs, input_signature,
+                      stand_ins_from_specs, tensor_specs, tree_bytes, tree_map)
 from .telemetry import RunTelemetry
 from .units import StoreMode, UnitMap
 
@@ -63,6 +64,21 @@ class ActiveCall:
     protect: bool = False
     profiler: FlopProfiler | None = None
     stored: bool = False              # the session's held memory changed (a value stored, a placeholder made)
+
+
+# torch's error for a write into a stride-0 tensor: here, a placeholder (_Spec.placeholder).
+_WROTE_INTO_STAND_IN = "refers to a single memory location"
+
+
+class UndetectedInPlaceEdit(RuntimeError):
+    """Something in the model's forward wrote into a reused unit's placeholder."""
+
+    def __init__(self):
+        super().__init__(
+            "CacheKit: something in this model's forward edits cached features in place, and CacheKit did not "
+            "recognise it (it recognises ControlNets and U-Net block patches such as FreeU, and copies for them). "
+            "Reusing features alongside it is not safe: bypass that node or the CacheKit node for this workflow, "
+            "and report the node to CacheKit so it can be recognised.")
 
 
 def active_call(owner: str) -> ActiveCall | None:
@@ -98,10 +114,12 @@ class _Spec:
         if self.signature != call.signature or (self.layout is not None and self.layout != call.layout):
             return None
         chunks = call.layout.chunks
-        made = self.made.get(chunks)
+        key = (chunks, call.protect)
+        made = self.made.get(key)
         if made is None:
             tree = self.tree if self.layout is not None else _scale_batch(self.tree, chunks, 1)
-            made = self.made[chunks] = empty_from_specs(tree)
+            # In-place editing hosts write into what they get: full tensors; others: stride-0 ones.
+            made = self.made[key] = empty_from_specs(tree) if call.protect else stand_ins_from_specs(tree)
             call.stored = True        # held memory grew: the run record's peak is measured after the call
         return made
 
@@ -236,6 +254,10 @@ class CacheSession:
         started = time.perf_counter()
         try:
             yield call
+        except RuntimeError as error:
+            if _WROTE_INTO_STAND_IN in str(error):
+                raise UndetectedInPlaceEdit() from error
+            raise
         finally:
             _ACTIVE.reset(token)
         self._count_call(step, samples, started)

@@ -168,6 +168,23 @@ def empty_from_specs(spec: Tree) -> Tree:
     return spec
 
 
+def stand_ins_from_specs(spec: Tree) -> Tree:
+    """Read-only zero tensors of the recorded shapes that hold one element each (stride 0).
+
+    A placeholder's values are never used: the host's glue only passes it on (a U-Net's
+    skip-connection list, a `cat` whose result goes to a reused unit). A stride-0 expansion
+    gives that glue the right shapes for almost no memory (video U-Nets' deep regions are GiBs);
+    writing into it raises, so hosts that edit outputs in place get full-size tensors instead."""
+    if isinstance(spec, TensorSpec):
+        return torch.zeros((1,) * len(spec.shape), dtype=spec.dtype, device=spec.device).expand(spec.shape)
+    if isinstance(spec, (tuple, list)):
+        values = [stand_ins_from_specs(s) for s in spec]
+        return values if isinstance(spec, list) else tuple(values)
+    if isinstance(spec, dict):
+        return {k: stand_ins_from_specs(v) for k, v in spec.items()}
+    return spec
+
+
 def _splits_evenly(value: Tree, batch: int) -> bool:
     ok = True
 

@@ -2,6 +2,7 @@
 latents (a [B, C, T, H, W] latent, SVD's frames-as-batch layout) keyed per stream and shape."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from cachekit.core.clock import StepClock
@@ -70,8 +71,8 @@ def test_run_record_memory_equals_the_bytes_of_the_stored_tensors(monkeypatch):
     telemetry = session.close()
     assert telemetry.cache_bytes == peak == now
     assert telemetry.cache_bytes_end == now
-    # u0 is reused but read by nothing computed: a placeholder of its shape, not a stored value.
-    assert telemetry.placeholder_bytes == 2 * 4 * 6 * 6 * 4
+    # u0 is reused but read by nothing computed: a placeholder of its shape, one element held.
+    assert telemetry.placeholder_bytes == 4
     assert session.cache_bytes() == 0 and session.placeholder_bytes() == 0
     record = telemetry.as_dict(resolve=False)
     assert record["cache_bytes"] == record["cache_bytes_end"] == now
@@ -141,4 +142,47 @@ def test_two_frame_counts_in_one_session_never_reuse_each_other():
     assert session.telemetry.reused[1] == [0, 0, 0]
     _run_step(session, 2, a, single, weights)          # now stored for 3 frames: reused
     assert session.telemetry.reused[2][:2] == [3, 3]
+    session.close()
+
+
+def test_placeholders_hold_one_element_unless_the_host_edits_outputs_in_place():
+    rows = [[False] * 3, [True, True, False], [True, True, False]]
+    weights = [torch.tensor(1.1), torch.tensor(0.9), torch.tensor(1.2)]
+    layout = CallLayout((COND, UNCOND))
+    handed = {}
+    for protect in (False, True):
+        session = _chain_session(rows)
+        x = torch.randn(2, 4, 6, 6)
+        for step in range(len(rows)):
+            with session.call_scope(sigma=SIGMAS[step], layout=layout, samples=2, call_input=x,
+                                    protect=protect) as call:
+                h = x
+                for i, w in enumerate(weights):
+                    h = session.run_unit(call, i, lambda h=h, w=w: torch.tanh(h * w), h)
+                    if i == 0 and step > 0:
+                        handed[protect] = h
+        telemetry = session.close()
+        placeholder = handed[protect]
+        assert placeholder.shape == (2, 4, 6, 6)
+        if protect:       # ControlNet-style glue writes into it: a real tensor of its own
+            assert telemetry.placeholder_bytes == 2 * 4 * 6 * 6 * 4
+            placeholder += 1
+        else:
+            assert telemetry.placeholder_bytes == 4 and placeholder.stride() == (0, 0, 0, 0)
+            assert torch.cat([placeholder, placeholder], 1).abs().sum() == 0     # glue reads zeros
+            with pytest.raises(RuntimeError):
+                placeholder += 1
+
+
+def test_a_write_into_a_placeholder_is_named_as_an_undetected_in_place_edit():
+    from cachekit.core.session import UndetectedInPlaceEdit
+    rows = [[False] * 3, [True, True, False]]
+    session = _chain_session(rows)
+    weights = [torch.tensor(1.1), torch.tensor(0.9), torch.tensor(1.2)]
+    x = torch.randn(2, 4, 6, 6)
+    _run_step(session, 0, x, CallLayout((COND, UNCOND)), weights)
+    with pytest.raises(UndetectedInPlaceEdit, match="bypass that node"):
+        with session.call_scope(sigma=SIGMAS[1], layout=CallLayout((COND, UNCOND)), samples=2, call_input=x) as call:
+            h = session.run_unit(call, 0, lambda: torch.tanh(x), x)
+            h += 1                                      # a glue edit nobody declared
     session.close()
