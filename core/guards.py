@@ -23,7 +23,7 @@ actual plan, for the run record, the sidebar and the log).
   change, which injected noise defeats (its rule assumes an ODE trajectory): it skips nothing
   (policies that need this say `needs_deterministic_sampler = True`) and the note says why.
 
-Pure Python: no host is imported here.
+No host is imported here.
 """
 from __future__ import annotations
 
@@ -42,6 +42,17 @@ def guard_window(policy: Any, num_steps: int, window: range, *, injects_noise: b
         start = max(window.start, math.ceil(num_steps / 2))
         return range(start, max(start, window.stop))
     return window
+
+
+def open_guarded_session(owner: str, units: Any, policy: Any, clock: Any, window: range, *, sampler: str | None = None,
+                         injects_noise: bool = False, run_steps: range | None = None) -> Any:
+    """A run's CacheSession with the guards applied to its window and their notes on its record
+    (every host opens its sessions through this)."""
+    from .session import CacheSession
+    window = guard_window(policy, clock.num_steps, window, injects_noise=injects_noise)
+    session = CacheSession(owner, units, policy, clock, window, run_steps=run_steps)
+    session.telemetry.notes.extend(run_notes(session, sampler=sampler, injects_noise=injects_noise))
+    return session
 
 
 def _steps(steps: list[int]) -> str:

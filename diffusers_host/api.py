@@ -26,6 +26,7 @@ import torch
 
 from ..core.clock import StepClock, window_from_percent
 from ..core.flops import FlopProfiler, lazy_profile
+from ..core.guards import open_guarded_session
 from ..core.lifecycle import RunLifecycle
 from ..core.methods import DeepCacheConfig, DeepCachePolicy, ForaConfig, ForaPolicy
 from ..core.methods.base import Policy
@@ -155,7 +156,7 @@ class CacheHandle(RunRecorder):
         # The window and the method's schedule count from the run's first call (img2img).
         rest = window_from_percent(num_steps - first, self.start_percent, self.end_percent)
         window = range(first + rest.start, first + rest.stop)
-        return CacheSession(self.owner, self.units, self.policy, self._tracker.clock, window)
+        return self._tracker.open_session(self.owner, self.units, self.policy, window)
 
     def _prepare_profile(self, session: CacheSession, args: tuple, kwargs: dict, x: torch.Tensor) -> None:
         """Known FLOP profile: use it. Unknown: record the call's input shapes, so a report can
@@ -202,6 +203,12 @@ class StepTracker:
     def num_steps(self) -> int:
         return self.clock.num_steps
 
+    def open_session(self, owner: str, units: UnitMap, policy: Policy, window: range) -> CacheSession:
+        """The run's session, with the few-step and noisy-sampler guards (core/guards.py)."""
+        sampler = type(self.scheduler).__name__ if self.scheduler is not None else None
+        return open_guarded_session(owner, units, policy, self.clock, window, sampler=sampler,
+                                    injects_noise=scheduler_injects_noise(self.scheduler))
+
     def locate(self, t: float | None, in_run: bool) -> tuple[bool, int, float | None]:
         """(new run?, step, the sigma-like value the run's clock maps to that step)."""
         if self.scheduler is not None:
@@ -222,6 +229,22 @@ class StepTracker:
             self.first_step = step
         self._step, self._last_t = step, t
         return new_run, step, float(num_steps - step)
+
+
+# diffusers schedulers that add fresh noise at every step (besides every *Ancestral* one); DDIM
+# with eta > 0 does too, but eta is an argument of each pipeline call, which a hook never sees.
+_NOISY_SCHEDULERS = frozenset({"DDPMScheduler", "DDPMParallelScheduler", "DDPMWuerstchenScheduler", "LCMScheduler",
+                               "TCDScheduler", "DPMSolverSDEScheduler", "CMStochasticIterativeScheduler",
+                               "ScoreSdeVeScheduler"})
+
+
+def scheduler_injects_noise(scheduler: Any) -> bool:
+    """Whether this scheduler adds fresh noise at every step (an SDE / ancestral sampler)."""
+    if scheduler is None:
+        return False
+    name = type(scheduler).__name__
+    algorithm = str(getattr(getattr(scheduler, "config", None), "algorithm_type", None) or "")
+    return "Ancestral" in name or name in _NOISY_SCHEDULERS or algorithm.startswith("sde-")
 
 
 def _index_of(timesteps: list[float], t: float | None) -> int:

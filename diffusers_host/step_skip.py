@@ -68,8 +68,7 @@ class StepSkipHandle(RunRecorder):
         attach.include_again(self.model, self._copy_token)
 
     def _new_session(self) -> CacheSession:
-        clock = self._tracker.clock
-        return CacheSession(self.owner, self._units, self.policy, clock, range(clock.num_steps))
+        return self._tracker.open_session(self.owner, self._units, self.policy, range(self._tracker.num_steps))
 
     def _forward(self, *args, **kwargs):
         t = call_timestep(args, kwargs)

@@ -30,7 +30,7 @@ from comfy.patcher_extension import WrappersMP
 
 from ..core.clock import StepClock, window_steps
 from ..core.flops import FlopProfiler, lazy_profile
-from ..core.guards import guard_window, run_notes
+from ..core.guards import open_guarded_session
 from ..core.lifecycle import RunLifecycle
 from ..core.methods.base import Policy
 from ..core.proxy import make_proxy, run_links
@@ -245,13 +245,10 @@ def _chained(original: Callable | None, on_step: Callable[[], None]) -> Callable
     return callback
 
 
-def open_guarded_session(owner: str, units, policy, run: RunSchedule, window: range) -> CacheSession:
+def open_run_session(owner: str, units, policy, run: RunSchedule, window: range) -> CacheSession:
     """A run's session over its whole schedule, with the guards of core/guards.py and their notes."""
-    clock = StepClock(run.sigmas)
-    window = guard_window(policy, clock.num_steps, window, injects_noise=run.injects_noise)
-    session = CacheSession(owner, units, policy, clock, window, run_steps=run.steps if run.split else None)
-    session.telemetry.notes.extend(run_notes(session, sampler=run.sampler, injects_noise=run.injects_noise))
-    return session
+    return open_guarded_session(owner, units, policy, StepClock(run.sigmas), window, sampler=run.sampler,
+                                injects_noise=run.injects_noise, run_steps=run.steps if run.split else None)
 
 
 def _unit_session_opener(owner: str, layout: ComfyLayout, policy: Policy, start_percent: float,
@@ -260,7 +257,7 @@ def _unit_session_opener(owner: str, layout: ComfyLayout, policy: Policy, start_
         model_sampling = guider.model_patcher.get_model_object("model_sampling")
         window = window_steps(run.sigmas, model_sampling.percent_to_sigma(start_percent),
                               model_sampling.percent_to_sigma(end_percent))
-        return open_guarded_session(owner, layout.units, policy, run, window)
+        return open_run_session(owner, layout.units, policy, run, window)
     return open_session
 
 

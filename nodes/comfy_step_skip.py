@@ -20,7 +20,7 @@ from ..core.methods.adaptive import AdaptiveConfig, AdaptivePolicy
 from ..core.session import CacheSession
 from ..core.streams import SINGLE_STREAM
 from ..core.units import call_unit_map
-from .comfy_host import SESSIONS_KEY, open_guarded_session, outer_sample_wrapper
+from .comfy_host import SESSIONS_KEY, open_run_session, outer_sample_wrapper
 from .comfy_schedule import RunSchedule
 
 
@@ -56,7 +56,7 @@ def install_step_skip(model, config: AdaptiveConfig | None = None, node_id: str 
     units = call_unit_map(type(patched.model).__name__)
 
     def open_session(guider, sigmas, run: RunSchedule) -> CacheSession:
-        return open_guarded_session(owner, units, policy, run, range(run.num_steps))
+        return open_run_session(owner, units, policy, run, range(run.num_steps))
 
     patched.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, owner, outer_sample_wrapper(owner, open_session, node_id))
     patched.add_wrapper_with_key(WrappersMP.PREDICT_NOISE, owner, _predict_noise_wrapper(owner))

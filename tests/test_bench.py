@@ -23,7 +23,7 @@ def test_psnr_and_ssim():
 
 
 def test_tiny_benchmark_run_reports_every_metric():
-    rows = harness.bench_model("dit", [cachekit_fora(2)], steps=4, images=2, cfg=3.0, rounds=1, passes=1)
+    rows = harness.bench_model("dit", [cachekit_fora(2)], steps=5, images=2, cfg=3.0, rounds=1, passes=1)
     assert [r["method"] for r in rows] == ["uncached", "FORA"]
     fora = rows[1]
     assert 0.4 < fora["flops_executed"] < 1.0 and fora["hit_rate"] > 0

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::Deprec
 @pytest.fixture(scope="module")
 def report():
     return {"meta": hotpath._meta(["--test"]),
-            "A": hotpath.part_a(steps=3, rounds=1, batches=[1], progress=False),
+            "A": hotpath.part_a(steps=5, rounds=1, batches=[1], progress=False),   # > 4: no few-step guard
             "B": hotpath.part_b(steps=3, rounds=1, batch=1, progress=False),
             "C": {"skipped": "COMFYUI_DIR is not set"}}
 
