@@ -166,7 +166,7 @@ def test_the_bench_has_dydit_rows_alone_and_stacked():
     assert "N=2" in methods[1].setting
     args = harness.parse_args(["--models", "dit", "--only", "DyDiT", "DyDiT+FORA", "DyDiT+AdaptiveDiffusion"])
     assert [m.name for m in args.methods] == [m.name for m in methods]     # scripts/bench_peers.py lists them
-    rows = harness.bench_model("dit", methods, steps=4, images=2, cfg=3.0, rounds=1, passes=1, progress=False)
+    rows = harness.bench_model("dit", methods, steps=5, images=2, cfg=3.0, rounds=1, passes=1, progress=False)
     assert [r["method"] for r in rows] == ["uncached", "DyDiT", "DyDiT+FORA", "DyDiT+AdaptiveDiffusion"]
     assert all(r["status"] == "ok" and r["speedup"] > 0 and 0 < r["psnr_db"] for r in rows[1:])
     assert rows[2]["hit_rate"] > 0                     # FORA reused units on top of DyDiT

@@ -32,7 +32,7 @@ def test_wilson_interval_is_sound_at_the_edges_and_narrows_with_more_images():
     assert qc.wilson(64, 96) == pytest.approx((0.568, 0.753), abs=0.002)     # textbook value
 
 
-def test_deciding_rows_are_band_winners_and_the_unit_method_against_fewer_steps():
+def test_deciding_rows_are_band_contenders_and_the_unit_method_against_fewer_steps():
     picked = qc.deciding_rows(ROWS)["unet"]
     names = [(r["origin"], r["setting"]) for r in picked]
     # >= 1.5x and >= 2x: CacheKit's forecast DeepCache (27 dB) vs the official package (its faster pass
@@ -41,7 +41,8 @@ def test_deciding_rows_are_band_winners_and_the_unit_method_against_fewer_steps(
     assert ("deepcache (official)", "N=2 branch=0") in names
     assert ("CacheKit", "N=5 branch=0") in names
     assert ("fewer steps", "steps=16") in names and ("fewer steps", "steps=10") in names
-    assert ("CacheKit", "N=2 branch=0") not in names                     # decides nothing
+    assert ("CacheKit", "N=2 branch=0") in names                         # a contender: third best at >= 1.5x
+    assert len(qc.contenders(ROWS, "unet", 1.5, qc.frontier.is_cachekit)) == 3
     assert len(names) == len(set(names))
     speeds = [qc.frontier.band_speed(r) for r in picked]
     assert speeds == sorted(speeds)
@@ -58,6 +59,7 @@ def test_verdicts_use_the_rescored_quality_not_the_twelve_image_one():
                        _scored("steps=10", 15.0, 0.4, 2.5, "fewer steps", "DDIM"),
                        _scored("N=3 branch=1 reuse=forecast1", 26.0, 0.7, 2.19),
                        _scored("N=2 branch=0", 25.5, 0.8, 2.06, "deepcache (official)"),
+                       _scored("N=2 branch=0", 24.0, 0.9, 1.67),
                        _scored("N=5 branch=0", 18.0, 0.3, 4.0)]}
     result = qc.verdicts(ROWS, scored)
     bands = {b["band"]: b for b in result["bands"]}
@@ -68,6 +70,12 @@ def test_verdicts_use_the_rescored_quality_not_the_twelve_image_one():
     # fewer steps interpolated at 2.19 between (1.66, 20) and (2.5, 15)
     assert fc["fewer_steps_psnr_db"] == pytest.approx(20 - 5 * (2.19 - 1.66) / (2.5 - 1.66), abs=0.01)
     assert fc["margin_db"] == pytest.approx(26.0 - fc["fewer_steps_psnr_db"], abs=0.01)
+    # On the new images a contender that was second on 12 images can win its band.
+    scored["unet"][-2] = _scored("N=2 branch=0", 26.5, 0.9, 1.67)
+    again = {b["band"]: b for b in qc.verdicts(ROWS, scored)["bands"]}
+    assert again[1.5]["cachekit"]["setting"] == "N=2 branch=0" and again[1.5]["margin_db"] == pytest.approx(1.0)
+    assert again[1.5]["margin_met"] and again[1.5]["accuracy_not_below"]
+    assert again[2.0]["cachekit"]["setting"] == "N=3 branch=1 reuse=forecast1"      # 1.67x is below 2x
     text = qc.to_markdown({"meta": {"images": 96, "command": "c", "date": "d", "runtime_min": 1, "peers": "p",
                                     "peers_date": "d", "peers_images": 12}, "rows": scored, **result})
     assert "| unet | >= 1.5x |" in text and "**no**" in text

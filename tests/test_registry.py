@@ -312,5 +312,5 @@ def test_a_registered_method_is_tuned_on_diffusers(toys):
 
 def test_a_registered_method_runs_in_the_panel_engine(toys):
     from cachekit.panel import engine
-    result = engine.run(engine.Request("dit", "EveryOther", interval=2, steps=4, images=1), progress=False)
+    result = engine.run(engine.Request("dit", "EveryOther", interval=2, steps=6, images=1), progress=False)
     assert result.telemetry["method"] == "EveryOther" and result.telemetry["hit_rate"] == pytest.approx(0.5)
