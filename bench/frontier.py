@@ -101,12 +101,17 @@ def band_summary(rows: list[dict], bands=BANDS) -> list[dict]:
 def fewer_steps_psnr_at(rows: list[dict], model: str, speed: float) -> float | None:
     """The fewer-steps baseline's PSNR at `speed`, interpolated linearly between the fewer-steps
     rows of `model` around it (None outside their speed range)."""
-    points = sorted((band_speed(r), r["psnr_db"]) for r in rows if r["model"] == model
-                    and r.get("origin") == FEWER_STEPS and ok(r) and r.get("psnr_db") is not None)
+    return interpolate([(band_speed(r), r["psnr_db"]) for r in rows if r["model"] == model
+                        and r.get("origin") == FEWER_STEPS and ok(r) and r.get("psnr_db") is not None], speed)
+
+
+def interpolate(points: list[tuple[float, float]], x: float) -> float | None:
+    """y at `x`, linear between the two (x, y) points around it; None outside their range."""
+    points = sorted(points)
     for (x0, y0), (x1, y1) in zip(points, points[1:]):
-        if x0 <= speed <= x1:
-            return y0 if x1 == x0 else y0 + (y1 - y0) * (speed - x0) / (x1 - x0)
-    if len(points) == 1 and points[0][0] == speed:
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    if len(points) == 1 and points[0][0] == x:
         return points[0][1]
     return None
 

@@ -33,7 +33,7 @@ from ..tinymodels.bundled import load, load_classifier
 from ..tinymodels.shapes import NUM_CLASSES
 from . import frontier
 from .cli import existing_file, int_at_least, run_cli
-from .harness import _install, _run, calibrated_magcache
+from .harness import _install, _round, _run, calibrated_magcache
 from .methods import FEWER_STEPS, Method, all_methods, dydit_methods, fewer_steps
 
 UNIT_METHODS = {"dit": "FORA", "unet": "DeepCache"}     # the issue's "each unit method with forecasting"
@@ -166,17 +166,9 @@ def verdicts(rows: list[dict], scored: dict[str, list[dict]]) -> dict:
     return {"bands": bands, "forecast": forecast}
 
 
-def _round(value, digits):
-    return None if value is None else round(value, digits)
-
-
 def _interpolate(points: list[dict], speed: float, key: str) -> float | None:
     """`key` linearly interpolated in speed between the two fewer-steps rows around `speed`."""
-    pts = sorted((p["speed"], p[key]) for p in points)
-    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
-        if x0 <= speed <= x1:
-            return y0 if x1 == x0 else y0 + (y1 - y0) * (speed - x0) / (x1 - x0)
-    return None
+    return frontier.interpolate([(p["speed"], p[key]) for p in points], speed)
 
 
 def _pct(value) -> str:
@@ -186,11 +178,6 @@ def _pct(value) -> str:
 def _ci(s: dict) -> str:
     low, high = s["accuracy_ci95"]
     return f"{_pct(s['accuracy'])} [{100 * low:.0f}-{100 * high:.0f}]"
-
-
-def _who(s: dict) -> str:
-    return f"{s['method']} {s['setting']} ({s['origin']})" if s["origin"] != "CacheKit" else \
-        f"{s['method']} {s['setting']}"
 
 
 def to_markdown(result: dict) -> str:
@@ -207,8 +194,8 @@ def to_markdown(result: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for b in result["bands"]:
         o, t = b["cachekit"], b["alternative"]
-        lines.append(f"| {b['model']} | >= {b['band']}x | {_who(o)} | {o['speed']:.2f} | {o['psnr_db']:.2f} | {_ci(o)} "
-                     f"| {_pct(o['agreement'])} | {_who(t)} | {t['speed']:.2f} | {t['psnr_db']:.2f} | {_ci(t)} "
+        lines.append(f"| {b['model']} | >= {b['band']}x | {frontier._who(o)} | {o['speed']:.2f} | {o['psnr_db']:.2f} | {_ci(o)} "
+                     f"| {_pct(o['agreement'])} | {frontier._who(t)} | {t['speed']:.2f} | {t['psnr_db']:.2f} | {_ci(t)} "
                      f"| {_pct(t['agreement'])} | {b['margin_db']:+.2f} | {'yes' if b['accuracy_not_below'] else '**no**'} |")
     lines += ["", "## Unit methods with forecasting vs. fewer steps at the same speed", "",
               "| model | method | setting | speed | PSNR | accuracy [95 %] | fewer steps there: PSNR | accuracy "

@@ -18,7 +18,7 @@ that reuses then reuses the policy's fixed `skip_row` for the rest of the call (
 How a stored value becomes an output is a reuse strategy (core/reuse.py).
 
 Only what a later computed unit reads is stored: with the unit map's readers, a unit reused on a
-step where no computed unit reads its output returns an uninitialised placeholder of the right
+step where no computed unit reads its output returns a placeholder of the right
 shape (the host's glue, e.g. a U-Net's skip-connection `cat`, still needs one), so DeepCache at
 branch 0 keeps one tensor instead of the whole deep region. Placeholders hold one element each
 (stride-0 expansions), except on calls whose host edits outputs in place. Stored values are copied only on
@@ -43,7 +43,7 @@ from .clock import StepClock
 from .flops import FlopProfiler
 from .methods.base import Policy
 from .reuse import HOLD, add_residual, residual_of
-from .streams import (CallLayout, StreamStore, TensorSpec, Tree, empty_from_specs, input_signature,
+from .streams import (CallLayout, StreamStore, TensorSpec, Tree, empty_from_specs, input_signature, map_specs,
                       stand_ins_from_specs, tensor_specs, tree_bytes, tree_map)
 from .telemetry import RunTelemetry
 from .units import StoreMode, UnitMap
@@ -125,14 +125,7 @@ class _Spec:
 
 
 def _scale_batch(specs: Tree, multiply: int, divide: int) -> Tree:
-    if isinstance(specs, TensorSpec):
-        return TensorSpec((specs.shape[0] * multiply // divide,) + specs.shape[1:], specs.dtype, specs.device)
-    if isinstance(specs, (tuple, list)):
-        values = [_scale_batch(s, multiply, divide) for s in specs]
-        return values if isinstance(specs, list) else tuple(values)
-    if isinstance(specs, dict):
-        return {k: _scale_batch(v, multiply, divide) for k, v in specs.items()}
-    return specs
+    return map_specs(specs, lambda s: TensorSpec((s.shape[0] * multiply // divide,) + s.shape[1:], s.dtype, s.device))
 
 
 class CacheSession:

@@ -156,16 +156,21 @@ def tensor_specs(value: Tree) -> Tree:
     return tree_map(lambda t: TensorSpec(tuple(t.shape), t.dtype, t.device), value)
 
 
-def empty_from_specs(spec: Tree) -> Tree:
-    """Uninitialised tensors of the recorded shapes (placeholders, or fake inputs in a FakeTensorMode)."""
+def map_specs(spec: Tree, leaf: Callable[[TensorSpec], Any]) -> Tree:
+    """The tree with each TensorSpec replaced by leaf(spec) (lists, tuples, dicts kept)."""
     if isinstance(spec, TensorSpec):
-        return torch.empty(spec.shape, dtype=spec.dtype, device=spec.device)
+        return leaf(spec)
     if isinstance(spec, (tuple, list)):
-        values = [empty_from_specs(s) for s in spec]
+        values = [map_specs(s, leaf) for s in spec]
         return values if isinstance(spec, list) else tuple(values)
     if isinstance(spec, dict):
-        return {k: empty_from_specs(v) for k, v in spec.items()}
+        return {k: map_specs(v, leaf) for k, v in spec.items()}
     return spec
+
+
+def empty_from_specs(spec: Tree) -> Tree:
+    """Uninitialised tensors of the recorded shapes (placeholders, or fake inputs in a FakeTensorMode)."""
+    return map_specs(spec, lambda s: torch.empty(s.shape, dtype=s.dtype, device=s.device))
 
 
 def stand_ins_from_specs(spec: Tree) -> Tree:
@@ -175,14 +180,7 @@ def stand_ins_from_specs(spec: Tree) -> Tree:
     skip-connection list, a `cat` whose result goes to a reused unit). A stride-0 expansion
     gives that glue the right shapes for almost no memory (video U-Nets' deep regions are GiBs);
     writing into it raises, so hosts that edit outputs in place get full-size tensors instead."""
-    if isinstance(spec, TensorSpec):
-        return torch.zeros((1,) * len(spec.shape), dtype=spec.dtype, device=spec.device).expand(spec.shape)
-    if isinstance(spec, (tuple, list)):
-        values = [stand_ins_from_specs(s) for s in spec]
-        return values if isinstance(spec, list) else tuple(values)
-    if isinstance(spec, dict):
-        return {k: stand_ins_from_specs(v) for k, v in spec.items()}
-    return spec
+    return map_specs(spec, lambda s: torch.zeros((1,) * len(s.shape), dtype=s.dtype, device=s.device).expand(s.shape))
 
 
 def _splits_evenly(value: Tree, batch: int) -> bool:
