@@ -431,6 +431,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--fewer-steps", nargs="+", type=int_at_least(1), metavar="K",
                         help="step counts of the fewer-steps baseline (default: about 1/3 to 4/5 of --steps)")
     parser.add_argument("--only", nargs="+", help="method names to run (default: all)")
+    parser.add_argument("--setting-contains", nargs="+", metavar="TEXT",
+                        help="run only rows whose setting contains one of these (e.g. --only FORA "
+                             "--setting-contains start=), to add rows to an earlier run with scripts/merge_peers.py")
     parser.add_argument("--router", nargs="*", default=[], type=_router_spec, metavar="FILE[:THRESHOLD]",
                         help="learned router files for the DiT (scripts/train_router.py), optionally with a threshold")
     parser.add_argument("--out", type=Path, default=Path("bench_out"))
@@ -451,7 +454,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = sorted(set(args.only or ()) - set(known))
     if unknown:
         parser.error(f"--only: unknown method {', '.join(unknown)}; choose from {', '.join(known)}")
-    selected = lambda m: not args.only or m.name in args.only
+    wanted = args.setting_contains
+    selected = lambda m: ((not args.only or m.name in args.only)
+                          and (not wanted or any(text in m.setting for text in wanted)))
+    if not any(selected(m) for m in everything):
+        parser.error(f"no benchmark row matches --only {' '.join(args.only or ['(all)'])} with --setting-contains "
+                     f"{' '.join(wanted)}; rows' settings read like 'N=3 start=0.12 reuse=forecast2'")
     if "dit" in args.models:
         for (router, _), method in zip(routers, router_methods):
             if selected(method):

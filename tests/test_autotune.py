@@ -35,7 +35,8 @@ def test_psnr_target_stops_each_ladder_after_the_first_miss_and_picks_the_fastes
     by_ladder = {}
     for trial in result.trials:
         by_ladder.setdefault((trial.settings["start_percent"], trial.settings["reuse"]), []).append(trial)
-    assert list(by_ladder) == [(0.0, "hold"), (0.0, "forecast1"), (0.0, "forecast2"), (0.2, "hold")]
+    assert list(by_ladder) == [(0.0, "hold"), (0.0, "forecast1"), (0.0, "forecast2"), (0.12, "forecast1"),
+                               (0.12, "forecast2"), (0.2, "hold")]
     for trials in by_ladder.values():
         # every trial but the last meets the target; the last one is the first miss
         assert all(t.psnr >= 30 for t in trials[:-1]) and trials[-1].psnr < 30
@@ -53,7 +54,7 @@ def test_speedup_target_takes_the_best_quality_that_is_fast_enough():
     assert result.chosen.speedup >= 1.9
     assert _interval(result.chosen.settings) == 4           # sqrt(4) = 2 >= 1.9, the gentlest such
     # each ladder stopped at its first fast-enough setting
-    assert [_interval(t.settings) for t in result.trials] == [2, 3, 4, 3, 4, 3, 4, 2, 3, 4]
+    assert [_interval(t.settings) for t in result.trials] == [2, 3, 4, 3, 4, 3, 4, 2, 3, 4, 2, 3, 4, 2, 3, 4]
 
 
 def test_unreachable_targets_are_reported_not_hidden():

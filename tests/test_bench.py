@@ -195,6 +195,15 @@ def test_the_bench_lists_every_baseline():
         {m.name for m in methods if m.origin == "diffusers"}
 
 
+def test_rows_can_be_chosen_by_method_and_setting_to_add_to_an_earlier_run():
+    from cachekit.bench.harness import parse_args
+    args = parse_args(["--only", "FORA", "--setting-contains", "start="])
+    settings = [m.setting for m in args.methods]
+    assert settings and all(m.name == "FORA" and "start=0.12" in m.setting for m in args.methods)
+    assert "N=3 start=0.12 reuse=forecast2" in settings
+    assert len(parse_args(["--only", "FORA"]).methods) > len(settings)
+
+
 def test_tiny_run_has_fewer_steps_rows_two_passes_and_unavailable_peers():
     def broken(denoiser, scheduler, steps):
         raise ImportError("no such package")

@@ -74,6 +74,7 @@ def cases(f: dict[str, Path]) -> list[tuple[str, list[str], tuple[str, ...]]]:
         # bench_peers
         ("bench_peers", ["--steps", "0"], ("--steps",)),
         ("bench_peers", ["--only", "Magic"], ("unknown method Magic", "FORA")),
+        ("bench_peers", ["--only", "FORA", "--setting-contains", "branch="], ("no benchmark row matches", "FORA")),
         ("bench_peers", ["--router", str(f["text.safetensors"])], ("text.safetensors", "text file")),
         ("bench_peers", ["--router", f"{ROUTER}:2"], ("threshold must be between 0 and 1",)),
         ("bench_peers", ["--router", str(ROUTER), "--steps", "10"], ("trained for 25 sampling steps",)),
@@ -106,6 +107,12 @@ def cases(f: dict[str, Path]) -> list[tuple[str, list[str], tuple[str, ...]]]:
         ("train_dydit", ["--lam", "0.5", "--out", str(d)], ("--minutes or --iterations",)),
         ("train_dydit", ["--iterations", "1", "--resume", "--out", str(d)], ("--resume", "no checkpoint")),
         ("train_dydit", ["--iterations", "1", "--out", str(f["text.pt"])], ("--out", "is a file")),
+        # polish_dydit (never with valid arguments: it would train and write weights)
+        ("polish_dydit", ["--out", str(d / "p")], ("--minutes or --iterations",)),
+        ("polish_dydit", ["--iterations", "1", "--source", str(d), "--out", str(d)], ("--out must differ",)),
+        ("polish_dydit", ["--iterations", "1", "--out", str(f["text.pt"])], ("--out", "is a file")),
+        ("polish_dydit", ["--iterations", "1", "--source", str(d), "--out", str(d / "p")],
+         ("dit_dydit_50.safetensors", "train_dydit.py")),
         # bench_dydit
         ("bench_dydit", ["--steps", "0"], ("--steps", "at least 2")),
         ("bench_dydit", ["--name", "dit_dydit_nope"], ("dit_dydit_nope", "train_dydit.py")),
