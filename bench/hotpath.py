@@ -1024,12 +1024,15 @@ def main(argv=None) -> dict:
     if args.comfy:
         c = run_comfy(args)
         given = list(argv if argv is not None else sys.argv[1:])
-        if "--json" in given and args.no_write:            # a full run's subprocess: its temporary file
+        # A full run's subprocess gets --no-write with an explicit --json: a temporary file to
+        # hand the result back in. --no-write alone (the default --json) writes nothing.
+        handing_back = args.no_write and "--json" in given
+        if handing_back:
             i = given.index("--json")
             del given[i:i + 2]
         c["command"] = "source scripts/comfy_env.sh && $PYTHON scripts/bench_hotpath.py " + " ".join(
             a for a in given if a != "--no-write")
-        if args.no_write and args.json:          # the subprocess of a full run: hand the result back
+        if handing_back:
             args.json.write_text(json.dumps(c, indent=1))
         report = json.loads(args.json.read_text()) if args.json.is_file() and not args.no_write else {"meta": _meta(argv)}
         report["C"] = c

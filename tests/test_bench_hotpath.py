@@ -69,3 +69,16 @@ def test_quick_settings_and_user_values():
     assert args.steps == 5 and args.rounds == hotpath.QUICK["rounds"] and args.batches == hotpath.QUICK["batches"]
     args = hotpath.parse_args([])
     assert args.steps == hotpath.FULL["steps"] and args.parts == ["A", "B", "P", "C"]
+
+
+def test_comfy_part_with_no_write_leaves_the_results_alone(monkeypatch, tmp_path):
+    """--comfy --no-write prints only; only a full run's subprocess (--no-write with an explicit
+    --json) hands its result back in that file."""
+    monkeypatch.setattr(hotpath, "run_comfy", lambda args: {"skipped": "stand-in"})
+    results = hotpath.RESULTS / "hotpath.json"
+    before = results.read_bytes() if results.is_file() else None
+    hotpath.main(["--comfy", "--no-write"])
+    assert (results.read_bytes() if results.is_file() else None) == before
+    handed = tmp_path / "c.json"
+    hotpath.main(["--comfy", "--no-write", "--json", str(handed)])
+    assert json.loads(handed.read_text())["skipped"] == "stand-in"
