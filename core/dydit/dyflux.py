@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from ..routers.safe_load import RefusedGlobal, UnreadableCheckpoint, load_weights_only
-from ..routers.sniff import content_kind
+from ..routers.sniff import content_kind, read_sidecar
 from ..telemetry import RunTelemetry
 
 FORMAT = "cachekit-dyflux"
@@ -268,26 +268,8 @@ _OTHER_FORMATS = {
 
 def load_routers(path: str | Path) -> DyFluxRouters:
     """A DyFLUX side-car (safetensors only), checked for completeness and shapes."""
-    from safetensors import safe_open
     path = Path(path)
-    if not path.is_file():
-        raise DyFluxError(f"DyFLUX router file not found: {path}")
-    kind = content_kind(path)
-    if kind == "torch":
-        raise DyFluxError(f"{path.name} is a PyTorch checkpoint, not a CacheKit DyFLUX side-car (.safetensors): "
-                          f"{CONVERT}.")
-    if kind in ("empty", "text"):
-        raise DyFluxError(f"{path.name} is {'empty' if kind == 'empty' else 'a text file'}, not a DyFLUX side-car: "
-                          f"{CONVERT}.")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            keys = list(f.keys())
-            wanted = [k for k in keys if _KEY.match(k)]
-            state = {k: f.get_tensor(k) for k in wanted}
-    except Exception as error:      # safetensors runs no code: any failure means a damaged file
-        raise DyFluxError(f"{path.name} is not a readable safetensors file (damaged or truncated?): "
-                          f"{CONVERT}.") from error
+    metadata, state = read_sidecar(path, DyFluxError, "CacheKit DyFLUX side-car", CONVERT, keep=_KEY.match)
     fmt = metadata.get("format")
     if fmt != FORMAT:
         what = _OTHER_FORMATS.get(fmt)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..routers.sniff import content_kind
+from ..routers.sniff import read_sidecar
 from .routers import EMBEDDINGS, DyDiTRouters, RouterShape, check_shape
 
 FORMAT = "cachekit-dydit"
@@ -43,23 +43,8 @@ def save_routers(routers: DyDiTRouters, path: str | Path, source: str = "") -> P
 
 def load_routers(path: str | Path) -> DyDiTRouters:
     """A router side-car as DyDiTRouters (fp32, CPU, eval)."""
-    from safetensors import safe_open
     path = Path(path)
-    if not path.is_file():
-        raise DyDiTFileError(f"DyDiT router file not found: {path}")
-    kind = content_kind(path)
-    if kind == "torch":
-        raise DyDiTFileError(f"{path.name} is a PyTorch checkpoint, not a CacheKit DyDiT router side-car: {_CONVERT}.")
-    if kind in ("empty", "text"):
-        raise DyDiTFileError(f"{path.name} is {'empty' if kind == 'empty' else 'a text file'}, not a DyDiT router "
-                             f"side-car (.safetensors): {_CONVERT}.")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            state = {key: f.get_tensor(key) for key in f.keys()}
-    except Exception as error:      # safetensors runs no code: any failure means a damaged file
-        raise DyDiTFileError(f"{path.name} is not a readable safetensors file ({type(error).__name__}): it is damaged "
-                             f"or not a DyDiT router side-car; {_CONVERT}.") from error
+    metadata, state = read_sidecar(path, DyDiTFileError, "CacheKit DyDiT router side-car", _CONVERT)
     return routers_from(state, metadata, path.name)
 
 

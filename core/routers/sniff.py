@@ -53,3 +53,27 @@ def wrong_content(path: Path, expected: str) -> str | None:
         return (f"{name} is a PyTorch file, not a CacheKit .safetensors router{rename}; convert official L2C "
                 "routers with scripts/convert_router.py.")
     raise AssertionError(kind)
+
+
+def read_sidecar(path: Path, error: type[Exception], what: str, fix: str, keep=None) -> tuple[dict, dict]:
+    """(metadata, tensors) of a CacheKit safetensors side-car, or `error` naming what the file
+    is instead (missing, empty, text, a PyTorch checkpoint, damaged), that it should be `what`,
+    and `fix`. `keep(key)` picks the tensors read (all by default). Never runs code from the file."""
+    from safetensors import safe_open
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} file not found: {path}")
+    kind = content_kind(path)
+    if kind == "torch":
+        raise error(f"{path.name} is a PyTorch checkpoint, not a {what} (.safetensors): {fix}.")
+    if kind in ("empty", "text"):
+        raise error(f"{path.name} is {'empty' if kind == 'empty' else 'a text file'}, not a {what} (.safetensors): "
+                    f"{fix}.")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            state = {key: f.get_tensor(key) for key in f.keys() if keep is None or keep(key)}
+    except Exception as failure:      # safetensors runs no code: any failure means a damaged file
+        raise error(f"{path.name} is not a readable safetensors file ({type(failure).__name__}): it is damaged "
+                    f"(truncated?) or not a {what}; {fix}.") from failure
+    return metadata, state
