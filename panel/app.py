@@ -189,7 +189,7 @@ def build() -> gr.Blocks:
             threshold = gr.Slider(0.0, 0.5, value=engine.Request.threshold, step=0.005,
                                   label="ChangeCache threshold (first-block change)", visible=shown["threshold"],
                                   elem_id="threshold")
-            start_percent = gr.Slider(0.0, 0.9, value=engine.Request.start_percent, step=0.05,
+            start_percent = gr.Slider(0.0, 0.9, value=engine.Request.start_percent, step=0.01,
                                       label="FORA start (share of steps computed in full)",
                                       visible=shown["start_percent"], elem_id="start-percent")
             reuse = gr.Dropdown(list(STRATEGIES), value=engine.Request.reuse, label="Reuse",

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from ..core.dydit.sidecar import load_routers, save_routers
 from .architectures import NULL_CLASS, NUM_CLASSES
 from .bundled import load
-from .sampling import make_scheduler
+from .sampling import make_scheduler, sample
 from .shapes import SIZE
 from .train import save_weights
 from .train_dydit import MaskedDyDiT, _call, _ema_update, eval_ratio, files, load_dydit_dit
@@ -68,25 +68,22 @@ class Trajectories:
 
 def teacher_trajectories(teacher: torch.nn.Module, images: int, *, steps: int, cfg: float, batch: int = 32,
                          first_seed: int = FIRST_SEED, progress: bool = True) -> Trajectories:
-    """Run the teacher's CFG sampler (as tinymodels/sampling.sample) and keep every state it visits."""
-    scheduler = make_scheduler(steps)
-    timesteps = scheduler.timesteps.clone()
+    """Run the teacher through the bundled CFG sampler (tinymodels/sampling.sample) and keep
+    every state it visits with the two noise predictions made there."""
+    timesteps = make_scheduler(steps).timesteps.clone()
     shape = (images, steps, 3, SIZE, SIZE)
     xs, eus, ecs = torch.empty(shape), torch.empty(shape), torch.empty(shape)
     labels = torch.randint(0, NUM_CLASSES, (images,), generator=torch.Generator().manual_seed(first_seed))
-    chunks = range(0, images, batch)
-    for n, start in enumerate(tqdm(chunks, desc="teacher trajectories", disable=not progress)):
+    for n, start in enumerate(tqdm(range(0, images, batch), desc="teacher trajectories", disable=not progress)):
         rows = slice(start, min(images, start + batch))
-        y = labels[rows]
-        g = torch.Generator().manual_seed(first_seed + 1 + n)
-        x = torch.randn(y.shape[0], 3, SIZE, SIZE, generator=g)
-        both = torch.cat([torch.full_like(y, NULL_CLASS), y])
-        scheduler = make_scheduler(steps)
-        with torch.no_grad():
-            for i, t in enumerate(scheduler.timesteps):
-                eu, ec = _call(teacher, torch.cat([x, x]), t.expand(2 * x.shape[0]), both).chunk(2)
-                xs[rows, i], eus[rows, i], ecs[rows, i] = x, eu, ec
-                x = scheduler.step(eu + cfg * (ec - eu), t, x).prev_sample
+        step = iter(range(steps))
+
+        def recording(x, t, y):
+            eps = _call(teacher, x, t, y)
+            i, half = next(step), x.shape[0] // 2
+            xs[rows, i], eus[rows, i], ecs[rows, i] = x[:half], eps[:half], eps[half:]
+            return eps
+        sample(recording, labels[rows], steps=steps, cfg=cfg, seed=first_seed + 1 + n)
     return Trajectories(xs, eus, ecs, labels, timesteps)
 
 
