@@ -87,3 +87,26 @@ def test_polishing_trains_the_weights_under_fixed_inference_gates(data):
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in polisher.ema_model.modules())
     held = polisher.validation_loss(data)
     assert held > 0 and not any(m._forward_hooks or m._forward_pre_hooks for m in polisher.ema_model.modules())
+
+
+def test_polish_writes_a_dydit_whose_routers_are_the_ones_it_started_from(tmp_path):
+    """The whole stage on the bundled DyDiT, 2 iterations: files, record, routers unchanged."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from cachekit.tinymodels.polish_dydit import polish
+    from cachekit.tinymodels.train_dydit import WEIGHTS, files
+    source = files(0.5, WEIGHTS)
+    settings = PolishSettings(lam=0.5, images=4, held_out=2, steps=5, batch=2)
+    record = polish(settings, source=WEIGHTS, out=tmp_path, iterations=2, progress=False)
+    written = files(0.5, tmp_path)
+    assert all(written[k].is_file() for k in ("model", "routers", "record"))
+    section = json.loads(written["record"].read_text())["polish"]
+    assert section["steps"] == 2 and section == record["polish"]
+    assert 0 < section["eval"]["flops_ratio"] < 1 and set(section["held_out_guided_loss"]) == {"before", "after"}
+    assert json.loads(source["record"].read_text())["steps"] == record["steps"]    # the first stage's record kept
+    before, after = load_file(str(source["routers"])), load_file(str(written["routers"]))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(FileNotFoundError, match="train_dydit.py"):
+        polish(settings, source=tmp_path / "nothing", out=tmp_path / "o", iterations=1, progress=False)

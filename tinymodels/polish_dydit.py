@@ -41,13 +41,14 @@ from .train import save_weights
 from .train_dydit import MaskedDyDiT, _call, _ema_update, eval_ratio, files, load_dydit_dit
 
 FIRST_SEED = 1000          # trajectory seeds: the bench evaluates seed 0, so these never overlap it
-HELD_OUT, HELD_OUT_SEED = 32, 900_000   # trajectories only the validation loss sees
+HELD_OUT_SEED = 900_000    # seeds of the trajectories only the validation loss sees
 
 
 @dataclass
 class PolishSettings:
     lam: float = 0.5
     images: int = 768          # teacher trajectories
+    held_out: int = 32         # trajectories kept for the validation loss
     steps: int = 25            # the sampler the bench and panel run (DDIM 25)
     cfg: float = 3.0
     batch: int = 16            # (image, step) pairs per iteration; the model sees 2x rows (uncond + cond)
@@ -163,7 +164,7 @@ def polish(settings: PolishSettings, *, source: Path, out: Path, minutes: float 
     teacher = load("dit").model
     start = time.perf_counter()
     data = teacher_trajectories(teacher, settings.images, steps=settings.steps, cfg=settings.cfg, progress=progress)
-    held_out = teacher_trajectories(teacher, HELD_OUT, steps=settings.steps, cfg=settings.cfg,
+    held_out = teacher_trajectories(teacher, settings.held_out, steps=settings.steps, cfg=settings.cfg,
                                     first_seed=HELD_OUT_SEED, progress=False)
     trajectory_minutes = (time.perf_counter() - start) / 60
     polisher = Polisher(settings, load_dydit_dit(given["model"]), load_routers(given["routers"]), data)
