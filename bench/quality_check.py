@@ -92,12 +92,28 @@ def _methods_for(kind: str, rows: list[dict], magcache_ratios: dict | None) -> d
     return {(m.origin, m.name, m.setting): m for m in known if kind in m.models}
 
 
-def score(kind: str, rows: list[dict], *, steps: int, images: int, cfg: float, seed: int = 0,
+def score(kind: str, rows: list[dict], *, steps: int, images: int, cfg: float, seed: int = 0, batch: int | None = None,
           progress: bool = True) -> list[dict]:
-    """Quality of `rows` (peer rows of model `kind`) on `images` images; the uncached row first."""
+    """Quality of `rows` (peer rows of model `kind`) on `images` images; the uncached row first.
+
+    Images are sampled `batch` at a time (batch k with seed + k), as the benchmark sampled its
+    own: methods that decide once per step for the whole batch (AdaptiveDiffusion, SeaCache,
+    FirstBlockCache, ...) then decide from batches like the ones whose speed the bench measured,
+    and the first batch holds the bench's own images."""
     base, classifier = load(kind), load_classifier()
     labels = torch.arange(images) % NUM_CLASSES
-    reference = _run(None, base, labels, steps, cfg, seed)
+    batch = batch or images
+    chunks = [(labels[i:i + batch], seed + k) for k, i in enumerate(range(0, images, batch))]
+
+    def sampled(method: Method | None) -> torch.Tensor:
+        out = []
+        for chunk, chunk_seed in chunks:
+            setup = None if method is None else _install(method, base, steps)
+            out.append(_run(setup, base, chunk, steps, cfg, chunk_seed))
+            if setup is not None:
+                setup.finish()
+        return torch.cat(out)
+    reference = sampled(None)
 
     @torch.no_grad()
     def predicted(batch: torch.Tensor) -> torch.Tensor:
@@ -105,7 +121,7 @@ def score(kind: str, rows: list[dict], *, steps: int, images: int, cfg: float, s
     reference_class = predicted(reference)
     ratios = None
     if any(r["method"] == "MagCache" for r in rows):
-        ratios = calibrated_magcache(base, labels, steps, cfg, seed)
+        ratios = calibrated_magcache(base, *chunks[0][:1], steps, cfg, chunks[0][1])     # on the bench's images
     methods = _methods_for(kind, rows, ratios)
     missing = [" ".join(_ident(r)) for r in rows if _ident(r) not in methods]
     if missing:
@@ -125,10 +141,7 @@ def score(kind: str, rows: list[dict], *, steps: int, images: int, cfg: float, s
                 "agreement": round(float((classes == reference_class).float().mean()), 4)}
     out = [entry(None, reference)]
     for row in tqdm(rows, desc=f"{kind}: quality on {images} images", unit="row", disable=not progress):
-        setup = _install(methods[_ident(row)], base, steps)
-        output = _run(setup, base, labels, steps, cfg, seed)
-        setup.finish()
-        out.append(entry(row, output))
+        out.append(entry(row, sampled(methods[_ident(row)])))
     return out
 
 
@@ -184,7 +197,9 @@ def to_markdown(result: dict) -> str:
     meta = result["meta"]
     lines = [f"# The deciding rows on {meta['images']} images", "",
              f"Command: `{meta['command']}` ({meta['date']}, {meta['runtime_min']} min; rows and speeds from "
-             f"{meta['peers']}, measured {meta['peers_date']} on {meta['peers_images']} images).", "",
+             f"{meta['peers']}, measured {meta['peers_date']} on {meta['peers_images']} images)."
+             + (f" Sampled {meta['batch']} images at a time (batch k with seed k), as the bench sampled: methods that "
+                "decide per batch decide as they did when timed." if meta.get("batch") else ""), "",
              "Quality only: PSNR / SSIM vs. the full-step uncached images, class accuracy with its 95 % Wilson "
              "interval, agreement = the classifier gives the image the uncached image's class. Speed: the peer "
              "benchmark's conservative speed (CacheKit: its slower pass; alternatives: their faster).", "",
@@ -223,6 +238,9 @@ def main(argv=None):
                         help="the peer benchmark's peers.json (default bench/results/peers.json)")
     parser.add_argument("--images", type=int_at_least(1), default=96)
     parser.add_argument("--models", nargs="+", choices=("dit", "unet"), default=["dit", "unet"])
+    parser.add_argument("--batch", type=int_at_least(1),
+                        help="images per sampling run (default: the bench's own image count, so methods that decide "
+                             "per batch decide as they did when the bench timed them)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args(argv)
     try:
@@ -236,12 +254,13 @@ def main(argv=None):
     chosen = {m: r for m, r in deciding_rows(rows).items() if m in args.models}
     if not chosen:
         parser.error(f"--peers {args.peers} has no speed-band rows for {', '.join(args.models)}")
+    batch = args.batch or meta.get("images") or args.images
     scored = {model: score(model, model_rows, steps=meta.get("steps", 25), images=args.images,
-                           cfg=meta.get("cfg", 3.0)) for model, model_rows in chosen.items()}
+                           cfg=meta.get("cfg", 3.0), batch=batch) for model, model_rows in chosen.items()}
     result = {"meta": {"command": " ".join(["python", "scripts/check_quality.py",
                                             *(sys.argv[1:] if argv is None else argv)]),
                        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                       "runtime_min": round((time.perf_counter() - started) / 60, 1), "images": args.images,
+                       "runtime_min": round((time.perf_counter() - started) / 60, 1), "images": args.images, "batch": batch,
                        "peers": str(args.peers), "peers_date": meta.get("date", "?"),
                        "peers_images": meta.get("images", "?")},
               "rows": scored, **verdicts(rows, scored)}

@@ -82,6 +82,7 @@ def cases(f: dict[str, Path]) -> list[tuple[str, list[str], tuple[str, ...]]]:
         ("check_quality", ["--peers", str(d / "missing.json")], ("missing.json",)),
         ("check_quality", ["--peers", str(f["text.pt"])], ("text.pt", "not a peer benchmark")),
         ("check_quality", ["--images", "0"], ("--images", "at least 1")),
+        ("check_quality", ["--batch", "0"], ("--batch", "at least 1")),
         # scan_forecast_corrections
         ("scan_forecast_corrections", ["--intervals", "1"], ("--intervals", "at least 2")),
         ("scan_forecast_corrections", ["--fewer-steps", "30"], ("--fewer-steps must be below 25",)),

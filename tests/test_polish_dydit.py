@@ -52,6 +52,22 @@ def test_trajectories_are_the_teachers_guided_ddim_states(data):
     assert not torch.equal(other.x[:, 0], data.x[:, 0])                # the seeds decide the noise
 
 
+def test_on_policy_states_follow_the_driver_and_keep_the_teachers_targets():
+    teacher, driver = _tiny_dit(1).eval(), _tiny_dit(3).eval()
+    data = teacher_trajectories(teacher, 3, steps=STEPS, cfg=CFG, batch=4, driver=driver, progress=False)
+    scheduler = make_scheduler(STEPS)
+    both = torch.cat([torch.full_like(data.labels, NULL_CLASS), data.labels])
+    call = lambda m, x, t: m(torch.cat([x, x]), timestep=t.expand(6), class_labels=both, return_dict=False)[0].chunk(2)
+    with torch.no_grad():
+        for i, t in enumerate(scheduler.timesteps[:-1]):
+            x = data.x[:, i]
+            eu, ec = call(teacher, x, t)
+            assert torch.allclose(eu, data.eps_uncond[:, i], atol=1e-5)
+            du, dc = call(driver, x, t)
+            step = scheduler.step(du + CFG * (dc - du), t, x).prev_sample
+            assert torch.allclose(step, data.x[:, i + 1], atol=1e-5)
+
+
 def test_the_guided_loss_weighs_the_guided_prediction_and_both_halves():
     target_u, target_c = torch.zeros(2, 3), torch.ones(2, 3)
     assert guided_loss(target_u, target_c, target_u, target_c, CFG).item() == 0.0

@@ -3,6 +3,7 @@ which rows are picked, the accuracy interval, the verdicts, and one real scoring
 from __future__ import annotations
 
 import pytest
+import torch
 
 from cachekit.bench import quality_check as qc
 
@@ -99,3 +100,19 @@ def test_rows_that_cannot_be_rebuilt_are_named():
     odd = [_row("cache-dit", "Warp", "x=1", 20.0, [2.0, 2.0])]
     with pytest.raises(ValueError, match="Warp x=1"):
         qc.score("unet", odd, steps=25, images=2, cfg=3.0, progress=False)
+
+
+def test_images_are_sampled_in_the_benchs_batches_with_one_seed_each():
+    """Per-batch deciders must see batches like the timed ones: batch k of `batch` images, seed k."""
+    from cachekit.core.quality import psnr
+    from cachekit.tinymodels.bundled import load
+    from cachekit.tinymodels.sampling import sample
+    row = next(r for r in ROWS if r["origin"] == "fewer steps" and r["setting"] == "steps=16")
+    scored = qc.score("unet", [row], steps=25, images=4, cfg=3.0, batch=2, progress=False)
+    base = qc.load("unet")
+    labels = torch.arange(4) % qc.NUM_CLASSES
+    run = lambda steps: torch.cat([sample(base, labels[i:i + 2], steps=steps, cfg=3.0, seed=k)
+                                   for k, i in enumerate((0, 2))])
+    assert scored[1]["psnr_db"] == round(psnr(run(25), run(16)), 2)
+    whole = qc.score("unet", [row], steps=25, images=4, cfg=3.0, progress=False)       # one batch, seed 0
+    assert whole[1]["psnr_db"] != scored[1]["psnr_db"]

@@ -49,6 +49,7 @@ class PolishSettings:
     lam: float = 0.5
     images: int = 768          # teacher trajectories
     held_out: int = 32         # trajectories kept for the validation loss
+    on_policy: bool = False    # states from the student's own trajectories (teacher's predictions as targets)
     steps: int = 25            # the sampler the bench and panel run (DDIM 25)
     cfg: float = 3.0
     batch: int = 16            # (image, step) pairs per iteration; the model sees 2x rows (uncond + cond)
@@ -59,7 +60,7 @@ class PolishSettings:
 
 @dataclass
 class Trajectories:
-    """The dense teacher's DDIM states and noise predictions: x, eps_uncond, eps_cond [K, S, 3, H, W]."""
+    """DDIM states and the dense teacher's noise predictions there: x, eps_uncond, eps_cond [K, S, 3, H, W]."""
     x: torch.Tensor
     eps_uncond: torch.Tensor
     eps_cond: torch.Tensor
@@ -68,9 +69,11 @@ class Trajectories:
 
 
 def teacher_trajectories(teacher: torch.nn.Module, images: int, *, steps: int, cfg: float, batch: int = 32,
-                         first_seed: int = FIRST_SEED, progress: bool = True) -> Trajectories:
-    """Run the teacher through the bundled CFG sampler (tinymodels/sampling.sample) and keep
-    every state it visits with the two noise predictions made there."""
+                         first_seed: int = FIRST_SEED, driver: torch.nn.Module | None = None,
+                         progress: bool = True) -> Trajectories:
+    """Run the bundled CFG sampler (tinymodels/sampling.sample) and keep every state it visits
+    with the teacher's two noise predictions there. The sampler follows `driver`'s predictions
+    (the student's own trajectory: the states it will meet, DAgger-style), or the teacher's."""
     timesteps = make_scheduler(steps).timesteps.clone()
     shape = (images, steps, 3, SIZE, SIZE)
     xs, eus, ecs = torch.empty(shape), torch.empty(shape), torch.empty(shape)
@@ -83,7 +86,7 @@ def teacher_trajectories(teacher: torch.nn.Module, images: int, *, steps: int, c
             eps = _call(teacher, x, t, y)
             i, half = next(step), x.shape[0] // 2
             xs[rows, i], eus[rows, i], ecs[rows, i] = x[:half], eps[:half], eps[half:]
-            return eps
+            return eps if driver is None else _call(driver, x, t, y)
         sample(recording, labels[rows], steps=steps, cfg=cfg, seed=first_seed + 1 + n)
     return Trajectories(xs, eus, ecs, labels, timesteps)
 
@@ -163,7 +166,14 @@ def polish(settings: PolishSettings, *, source: Path, out: Path, minutes: float 
                                 f"`python scripts/train_dydit.py --lam {settings.lam} --minutes N` first")
     teacher = load("dit").model
     start = time.perf_counter()
-    data = teacher_trajectories(teacher, settings.images, steps=settings.steps, cfg=settings.cfg, progress=progress)
+    driver = None
+    if settings.on_policy:          # the first stage's DyDiT, routed as at inference, drives the sampler
+        driver = load_dydit_dit(given["model"])
+        routing = MaskedDyDiT(driver, load_routers(given["routers"]).eval())
+    data = teacher_trajectories(teacher, settings.images, steps=settings.steps, cfg=settings.cfg, driver=driver,
+                                progress=progress)
+    if driver is not None:
+        routing.remove()
     held_out = teacher_trajectories(teacher, settings.held_out, steps=settings.steps, cfg=settings.cfg,
                                     first_seed=HELD_OUT_SEED, progress=False)
     trajectory_minutes = (time.perf_counter() - start) / 60
@@ -222,6 +232,9 @@ def main(argv=None):
     parser.add_argument("--batch", type=int_at_least(2), default=PolishSettings.batch)
     parser.add_argument("--lr", type=float_in(0, low_open=True), default=PolishSettings.lr)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--on-policy", action="store_true",
+                        help="learn on the states the routed model itself visits (the teacher's predictions there "
+                             "as targets) instead of the teacher's own trajectories")
     args = parser.parse_args(argv)
     if args.minutes is None and args.iterations is None:
         parser.error("give --minutes or --iterations (or both: whichever ends first)")
@@ -230,7 +243,8 @@ def main(argv=None):
             parser.error(f"{flag} {folder} is a file; give a folder")
     if args.out.resolve() == args.source.resolve():
         parser.error("--out must differ from --source: polishing never overwrites the files it starts from")
-    settings = PolishSettings(lam=args.lam, images=args.images, batch=args.batch, lr=args.lr, seed=args.seed)
+    settings = PolishSettings(lam=args.lam, images=args.images, batch=args.batch, lr=args.lr, seed=args.seed,
+                              on_policy=args.on_policy)
     record = polish(settings, source=args.source, out=args.out, minutes=args.minutes, iterations=args.iterations)
     print(json.dumps({k: v for k, v in record["polish"].items() if k != "history"}))
 

@@ -466,7 +466,10 @@ register(MethodSpec(
     bench=(*({"delta": d, "max_skip_steps": 4} for d in (0.01, 0.05, 0.2)),
            *({"delta": d, "max_skip_steps": 2} for d in (0.02, 0.05)),
            *({"delta": d, "max_skip_steps": m, "reuse": "forecast1"} for d, m in ((0.02, 2), (0.05, 2), (0.05, 4))),
-           {"delta": 0.02, "max_skip_steps": 2, "reuse": "forecast2"}),
+           {"delta": 0.02, "max_skip_steps": 2, "reuse": "forecast2"},
+           # between the cap-2 and cap-4 rows (the >= 1.5x band on the bundled DiT is decided here)
+           *({"delta": 0.01, "max_skip_steps": 3, "reuse": r} for r in ("hold", "forecast1")),
+           {"delta": 0.03, "max_skip_steps": 2, "reuse": "forecast1"}),
     node=NodeSpec("CacheKitAdaptiveSkip", "Adaptive Step Skip (CacheKit)",
                   "AdaptiveDiffusion for any model: a step reuses the previous noise prediction when the latents "
                   "change smoothly (third-order difference small against the first-order one). A skipped step runs "
