@@ -326,7 +326,8 @@ def reuse_setting() -> Setting:
     return Setting("reuse", "combo", "hold", options=STRATEGIES, optional=True,
                    tooltip="How reused features are produced: hold = last computed value (the published method); "
                            "forecast1/2 = Taylor extrapolation from the last refreshes (TaylorSeer), order 1 or 2; "
-                           "keeps 2 or 3 tensors per cached unit.")
+                           "keeps 2 or 3 tensors per cached unit. Forecasts want a warm-up: start_percent about 0.1 "
+                           "(the first steps change the features most).")
 
 
 # Forecast reuse is tried after hold at each candidate, from interval 3 on (at 2 a reused step is
