@@ -121,7 +121,8 @@ def score(kind: str, rows: list[dict], *, steps: int, images: int, cfg: float, s
     reference_class = predicted(reference)
     ratios = None
     if any(r["method"] == "MagCache" for r in rows):
-        ratios = calibrated_magcache(base, *chunks[0][:1], steps, cfg, chunks[0][1])     # on the bench's images
+        bench_labels, bench_seed = chunks[0]          # calibrated on the bench's own images
+        ratios = calibrated_magcache(base, bench_labels, steps, cfg, bench_seed)
     methods = _methods_for(kind, rows, ratios)
     missing = [" ".join(_ident(r)) for r in rows if _ident(r) not in methods]
     if missing:

@@ -115,14 +115,18 @@ class Polisher:
         self.history: list[dict] = []
         self._window: list[float] = []
 
+    def _loss(self, model: torch.nn.Module, d: Trajectories, images: torch.Tensor, steps: torch.Tensor):
+        """The guided loss of `model` at the states (images[i], steps[i]) of `d`, uncond and cond in one call."""
+        x, y, t = d.x[images, steps], d.labels[images], d.timesteps[steps]
+        both = torch.cat([torch.full_like(y, NULL_CLASS), y])
+        eu, ec = _call(model, torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+        return guided_loss(eu, ec, d.eps_uncond[images, steps], d.eps_cond[images, steps], self.settings.cfg)
+
     def step(self) -> float:
         s, d = self.settings, self.data
         images = torch.randint(0, d.x.shape[0], (s.batch,), generator=self.generator)
         steps = torch.randint(0, d.x.shape[1], (s.batch,), generator=self.generator)
-        x, y, t = d.x[images, steps], d.labels[images], d.timesteps[steps]
-        both = torch.cat([torch.full_like(y, NULL_CLASS), y])
-        eu, ec = _call(self.model, torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
-        loss = guided_loss(eu, ec, d.eps_uncond[images, steps], d.eps_cond[images, steps], s.cfg)
+        loss = self._loss(self.model, d, images, steps)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
@@ -137,19 +141,15 @@ class Polisher:
 
     def validation_loss(self, held_out: Trajectories) -> float:
         """The guided loss of the EMA weights over every state of held-out trajectories."""
-        d, s = held_out, self.settings
         masked = MaskedDyDiT(self.ema_model, self.routers)
-        total = 0.0
+        every = torch.arange(held_out.x.shape[0])
         try:
-            with torch.no_grad():
-                for i, t in enumerate(d.timesteps):
-                    both = torch.cat([torch.full_like(d.labels, NULL_CLASS), d.labels])
-                    x = d.x[:, i]
-                    eu, ec = _call(self.ema_model, torch.cat([x, x]), t.expand(2 * x.shape[0]), both).chunk(2)
-                    total += guided_loss(eu, ec, d.eps_uncond[:, i], d.eps_cond[:, i], s.cfg).item()
+            with torch.no_grad():          # one timestep at a time: every held-out image at step i
+                losses = [self._loss(self.ema_model, held_out, every, torch.full_like(every, i)).item()
+                          for i in range(len(held_out.timesteps))]
         finally:
             masked.remove()
-        return total / len(d.timesteps)
+        return sum(losses) / len(losses)
 
 
 def polish(settings: PolishSettings, *, source: Path, out: Path, minutes: float | None = None,
