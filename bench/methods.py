@@ -149,11 +149,12 @@ def _dydit_missing() -> str:
     return f"the bundled DyDiT ({', '.join(missing)}) is missing: scripts/train_dydit.py" if missing else ""
 
 
-def cachekit_dydit(partner: str | None = None, **settings) -> Method:
+def cachekit_dydit(partner: str | None = None, width_start: float = 0.0, **settings) -> Method:
     """The bundled DyDiT (tinymodels/train_dydit.py) under apply_dydit, alone or stacked with a
     registered method (`partner`: "fora", "adaptive"; its settings as keywords). It samples with
     its own fine-tuned weights, so its speedup and image quality are against the dense bundled
-    DiT, fine-tuning included. Telemetry: the partner's (its hit rate) when stacked."""
+    DiT, fine-tuning included. width_start: apply_dydit's width_start_percent. Telemetry: the
+    partner's (its hit rate) when stacked."""
     label = "+".join(["DyDiT"] + ([registry.get(partner).name] if partner else []))
     if partner:
         registry.get(partner).make_config(settings)
@@ -162,7 +163,7 @@ def cachekit_dydit(partner: str | None = None, **settings) -> Method:
         from ..diffusers_host.dydit import apply_dydit
         model, routers = _bundled_dydit()
         d = _copy(model)
-        handles = [apply_dydit(d.network, routers, scheduler=scheduler)]
+        handles = [apply_dydit(d.network, routers, scheduler=scheduler, width_start_percent=width_start)]
         if partner:
             handles.append(host.apply(d.network, partner, scheduler=scheduler, **settings))
 
@@ -170,7 +171,7 @@ def cachekit_dydit(partner: str | None = None, **settings) -> Method:
             return [h.finish_run() for h in handles][-1]
         return Setup(d, finish=finish)
     from ..tinymodels.bundled import DYDIT
-    setting = f"lambda={int(DYDIT.rsplit('_', 1)[-1]) / 100:g}"
+    setting = f"lambda={int(DYDIT.rsplit('_', 1)[-1]) / 100:g}" + (f" width_start={width_start:g}" if width_start else "")
     if partner:
         setting += f" {registry.get(partner).label(settings)}"
     return Method(label, setting, CACHEKIT, ("dit",), install, partner or "", dict(settings),
@@ -180,7 +181,8 @@ def cachekit_dydit(partner: str | None = None, **settings) -> Method:
 def dydit_methods() -> list[Method]:
     """The bundled DyDiT's rows (scripts/bench_peers.py adds them to all_methods' rows: they are not
     registered methods, so the registry's row checks do not cover them)."""
-    return [cachekit_dydit(), cachekit_dydit("fora", interval=2), cachekit_dydit("adaptive", delta=0.02, max_skip_steps=2)]
+    return [cachekit_dydit(), cachekit_dydit(width_start=0.08), cachekit_dydit("fora", interval=2),
+            cachekit_dydit("adaptive", delta=0.02, max_skip_steps=2)]
 
 
 # -- the trivial baseline: the same sampler with fewer steps ---------------------------------

@@ -1,6 +1,7 @@
 """The frontier's deciding rows re-scored on more images (quality only, nothing timed).
 
-    python scripts/check_quality.py [--peers bench/results/peers.json] [--images 96] [--out bench/results]
+    python scripts/check_quality.py [--peers bench/results/peers.json] [--images 96] [--batch 12]
+                                    [--extra "METHOD SETTING" ...] [--out bench/results]
 
 The peer benchmark scores every row on 12 images, where one image moves class accuracy by 8
 points: "CacheKit's best has class accuracy not below the best alternative" cannot be decided
@@ -12,7 +13,10 @@ best on the new images), and each unit method's best forecast setting
 the peer benchmark's (quality does not depend on timing).
 
 Per row: PSNR and SSIM vs. the full-step uncached images, class accuracy with its 95 % Wilson
-interval, and agreement (the classifier gives the image the class it gives the uncached image).
+interval, agreement (the classifier gives the image the class it gives the uncached image), and
+for CacheKit rows the work they executed on these images next to the bench batch's: methods that
+decide per batch (AdaptiveDiffusion) may skip less, so run slower, on other images.
+`--extra "METHOD SETTING"` re-scores further rows and lists them apart; they decide nothing.
 Writes `quality_check.md` and `quality_check.json`.
 """
 from __future__ import annotations
@@ -105,13 +109,18 @@ def score(kind: str, rows: list[dict], *, steps: int, images: int, cfg: float, s
     batch = batch or images
     chunks = [(labels[i:i + batch], seed + k) for k, i in enumerate(range(0, images, batch))]
 
+    work: list[float | None] = []          # the last sampled method's executed fraction per batch
+
     def sampled(method: Method | None) -> torch.Tensor:
         out = []
+        work.clear()
         for chunk, chunk_seed in chunks:
             setup = None if method is None else _install(method, base, steps)
             out.append(_run(setup, base, chunk, steps, cfg, chunk_seed))
             if setup is not None:
-                setup.finish()
+                telemetry = setup.finish()
+                fraction = getattr(telemetry, "executed_fraction", None)
+                work.append(fraction() if callable(fraction) else None)
         return torch.cat(out)
     reference = sampled(None)
 
@@ -137,9 +146,12 @@ def score(kind: str, rows: list[dict], *, steps: int, images: int, cfg: float, s
                  else {"origin": row["origin"], "method": row["method"], "setting": row["setting"],
                        "speed": frontier.band_speed(row), "accuracy_12": row.get("accuracy"),
                        "psnr_db_12": row.get("psnr_db")})
+        executed = None if row is None or not work or None in work else round(sum(work) / len(work), 3)
         return {**brief, "psnr_db": round(psnr(reference, output), 2), "ssim": round(ssim(reference, output), 4),
                 "accuracy": round(correct / images, 4), "accuracy_ci95": [round(low, 4), round(high, 4)],
-                "agreement": round(float((classes == reference_class).float().mean()), 4)}
+                "agreement": round(float((classes == reference_class).float().mean()), 4),
+                "work": executed, "work_first": None if executed is None else round(work[0], 3),
+                "extra": bool(row is not None and row.get("extra"))}
     out = [entry(None, reference)]
     for row in tqdm(rows, desc=f"{kind}: quality on {images} images", unit="row", disable=not progress):
         out.append(entry(row, sampled(methods[_ident(row)])))
@@ -194,6 +206,10 @@ def _ci(s: dict) -> str:
     return f"{_pct(s['accuracy'])} [{100 * low:.0f}-{100 * high:.0f}]"
 
 
+def _work(s: dict) -> str:
+    return "-" if s.get("work") is None else f"{_pct(s['work_first'])} / {_pct(s['work'])}"
+
+
 def to_markdown(result: dict) -> str:
     meta = result["meta"]
     lines = [f"# The deciding rows on {meta['images']} images", "",
@@ -221,14 +237,25 @@ def to_markdown(result: dict) -> str:
         margin = "-" if f["margin_db"] is None else f"{f['margin_db']:+.2f}"
         lines.append(f"| {f['model']} | {f['method']} | {s['setting']} | {s['speed']:.2f} | {s['psnr_db']:.2f} "
                      f"| {_ci(s)} | {f['fewer_steps_psnr_db']} | {_pct(f['fewer_steps_accuracy'])} | {margin} |")
+    extra = [(model, s) for model, scored in result["rows"].items() for s in scored if s.get("extra")]
+    if extra:
+        lines += ["", "## Outside the rule (--extra: re-scored on request, deciding nothing)", "",
+                  "| model | origin | method | setting | speed | PSNR (12 images) | PSNR | accuracy [95 %] | agree "
+                  "| work: first batch / all |", "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {model} | {s['origin']} | {s['method']} | {s['setting']} | {s['speed']:.2f} "
+                  f"| {s.get('psnr_db_12', '-')} | {s['psnr_db']} | {_ci(s)} | {_pct(s['agreement'])} | {_work(s)} |"
+                  for model, s in extra]
     lines += ["", "## Every re-scored row", "",
+              "Work (CacheKit rows): the share of the model's FLOPs its telemetry counts as executed, on the first "
+              "batch (the bench's own images) / over all batches; a method that decides per batch runs slower where "
+              "it executes more.", "",
               "| model | origin | method | setting | speed | PSNR (12 images) | PSNR | SSIM | accuracy (12 images) "
-              "| accuracy [95 %] | agree |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| accuracy [95 %] | agree | work |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for model, scored in result["rows"].items():
         for s in scored:
             lines.append(f"| {model} | {s['origin']} | {s['method']} | {s['setting']} | {s['speed']:.2f} "
                          f"| {s.get('psnr_db_12', '-')} | {s['psnr_db']} | {s['ssim']} "
-                         f"| {_pct(s.get('accuracy_12'))} | {_ci(s)} | {_pct(s['agreement'])} |")
+                         f"| {_pct(s.get('accuracy_12'))} | {_ci(s)} | {_pct(s['agreement'])} | {_work(s)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -242,6 +269,9 @@ def main(argv=None):
     parser.add_argument("--batch", type=int_at_least(1),
                         help="images per sampling run (default: the bench's own image count, so methods that decide "
                              "per batch decide as they did when the bench timed them)")
+    parser.add_argument("--extra", nargs="+", default=[], metavar="'METHOD SETTING'",
+                        help="also re-score these peer rows (as the report names them, e.g. 'AdaptiveDiffusion "
+                             "delta=0.01 max_skip=3 reuse=forecast1'); listed apart, they decide nothing")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args(argv)
     try:
@@ -255,6 +285,14 @@ def main(argv=None):
     chosen = {m: r for m, r in deciding_rows(rows).items() if m in args.models}
     if not chosen:
         parser.error(f"--peers {args.peers} has no speed-band rows for {', '.join(args.models)}")
+    for text in args.extra:
+        found = [r for r in rows if r["model"] in chosen and frontier.ok(r) and f"{r['method']} {r['setting']}" == text]
+        if not found:
+            parser.error(f"--extra {text!r} is no scored row of {', '.join(chosen)} in {args.peers}; give a row's "
+                         "method and setting as the peer report names them, e.g. 'FORA N=2'")
+        for r in found:
+            if _ident(r) not in {_ident(c) for c in chosen[r["model"]]}:
+                chosen[r["model"]].append({**r, "extra": True})
     batch = args.batch or meta.get("images") or args.images
     scored = {model: score(model, model_rows, steps=meta.get("steps", 25), images=args.images,
                            cfg=meta.get("cfg", 3.0), batch=batch) for model, model_rows in chosen.items()}

@@ -62,11 +62,13 @@ def comfy_runs(url):
 
 def generate(model, method, interval, branch, class_name, seed, steps, cfg, images, delta=engine.Request.delta,
              start_percent=engine.Request.start_percent, rounds=engine.Request.rounds, reuse=engine.Request.reuse,
-             threshold=engine.Request.threshold, dydit=engine.Request.dydit, progress=gr.Progress()):
+             threshold=engine.Request.threshold, dydit=engine.Request.dydit,
+             dydit_width_start=engine.Request.dydit_width_start, progress=gr.Progress()):
     request = engine.Request(model=model, method=method, interval=int(interval), branch=int(branch),
                              class_name=class_name, seed=int(seed), steps=int(steps), cfg=float(cfg),
                              images=int(images), delta=float(delta), start_percent=float(start_percent),
-                             rounds=int(rounds), reuse=str(reuse), threshold=float(threshold), dydit=bool(dydit))
+                             rounds=int(rounds), reuse=str(reuse), threshold=float(threshold), dydit=bool(dydit),
+                             dydit_width_start=float(dydit_width_start))
 
     def on_progress(text, done, total):
         progress(done / total, desc=text)
@@ -204,6 +206,10 @@ def build() -> gr.Blocks:
             dydit = gr.Checkbox(value=engine.Request.dydit, label="On the bundled DyDiT (tiny DiT)", elem_id="dydit",
                                 info="cached pass: the DiT fine-tuned with DyDiT routers (dynamic heads, MLP groups, "
                                      "tokens) plus the method; alone: FORA interval 1")
+            dydit_width_start = gr.Slider(0.0, 0.5, value=engine.Request.dydit_width_start, step=0.04,
+                                          label="DyDiT full width until", elem_id="dydit-width-start",
+                                          info="share of steps with every head and MLP group before DyDiT's width "
+                                               "routers act (0: official DyDiT; 0.08 keeps the class accuracy)")
         run = gr.Button("Generate", variant="primary", elem_id="generate")
         with gr.Row():
             # PNG, not the default WebP: lossless, so API users get the exact pixels.
@@ -261,7 +267,7 @@ def build() -> gr.Blocks:
         model.input(_methods_for, model, [method] + controls)
         method.change(_controls_for, method, controls)
         inputs = [model, method, interval, branch, class_name, seed, steps, cfg, images, delta, start_percent, rounds,
-                  reuse, threshold, dydit]
+                  reuse, threshold, dydit, dydit_width_start]
         run.click(generate, inputs, [uncached, cached, difference, summary, heatmap, step_plot, block_plot, stats,
                                      download], api_name="generate", concurrency_id="sampling")
         # Tunes and runs share one queue: both patch and time the same loaded model.

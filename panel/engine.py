@@ -85,6 +85,10 @@ class Request:
     # with delta 0), which reuses nothing. DyDiT needs its own fine-tuned model, so it is a switch
     # on the DiT, not a registered method.
     dydit: bool = False
+    # DyDiT only: the share of steps run at full width (every head and MLP group; tokens still
+    # routed) before the width routers act. 0 is the official DyDiT; 0.08 keeps the bundled
+    # DyDiT's class accuracy at the dense DiT's (bench/results/dydit.md).
+    dydit_width_start: float = 0.08
 
     def settings(self) -> dict:
         """The chosen method's own settings, for summaries and the run's JSON."""
@@ -106,6 +110,9 @@ class Request:
                              "(the share of steps computed in full before FORA reuses anything).")
         if not 1 <= self.rounds <= MAX_ROUNDS:
             raise ValueError(f"rounds must be between 1 and {MAX_ROUNDS}.")
+        if not 0.0 <= self.dydit_width_start <= 1.0:
+            raise ValueError("dydit_width_start must be between 0 and 1 (the share of steps DyDiT runs at full width "
+                             "before its width routers act; 0 is the official DyDiT).")
         if self.dydit:
             check_dydit(self.model)
 
@@ -174,9 +181,9 @@ def dydit_model():
 class _DyDiTStack:
     """apply_dydit on the bundled DyDiT, then the chosen method on the same model: one handle."""
 
-    def __init__(self, network, routers, scheduler, apply_method):
+    def __init__(self, network, routers, scheduler, apply_method, width_start: float = 0.0):
         from ..diffusers_host.dydit import apply_dydit
-        self.dydit = apply_dydit(network, routers, scheduler=scheduler)
+        self.dydit = apply_dydit(network, routers, scheduler=scheduler, width_start_percent=width_start)
         try:
             self.method = apply_method()
         except BaseException:
@@ -220,7 +227,8 @@ def _apply(request: Request, network, scheduler):
     if request.dydit:
         _, routers = dydit_model()
         return _DyDiTStack(network, routers, scheduler,
-                           lambda: host.apply(network, spec.key, scheduler=scheduler, **method_settings(request)))
+                           lambda: host.apply(network, spec.key, scheduler=scheduler, **method_settings(request)),
+                           width_start=request.dydit_width_start)
     return host.apply(network, spec.key, scheduler=scheduler, **method_settings(request))
 
 

@@ -67,7 +67,10 @@ def run_summary(request: engine.Request, result: engine.Result) -> str:
     t = result.telemetry
     timed = f" (median of {len(result.uncached_rounds)} rounds)" if len(result.uncached_rounds) > 1 else ""
     psnr = "identical" if math.isinf(result.psnr_db) else f"{result.psnr_db:.1f} dB"
-    on = " on the bundled DyDiT" if request.dydit else ""
+    on = ""
+    if request.dydit:
+        on = " on the bundled DyDiT" + (f" (full width for the first {request.dydit_width_start:.0%} of steps)"
+                                        if request.dydit_width_start else "")
     lines = [
         f"### {request.method}{on} on {model_name(request.model)}",
         f"**Settings** {settings_text(request)}",
@@ -116,6 +119,7 @@ def run_record(request: engine.Request, result: engine.Result) -> dict:
         "model": request.model,
         "method": request.method,
         "dydit": request.dydit,
+        "dydit_width_start": request.dydit_width_start if request.dydit else None,
         "settings": request.settings(),
         "sampling": {"sampler": "DDIM", "steps": request.steps, "cfg": request.cfg, "images": request.images,
                      "class": request.class_name, "seed": request.seed},

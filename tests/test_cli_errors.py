@@ -83,6 +83,7 @@ def cases(f: dict[str, Path]) -> list[tuple[str, list[str], tuple[str, ...]]]:
         ("check_quality", ["--peers", str(f["text.pt"])], ("text.pt", "not a peer benchmark")),
         ("check_quality", ["--images", "0"], ("--images", "at least 1")),
         ("check_quality", ["--batch", "0"], ("--batch", "at least 1")),
+        ("check_quality", ["--extra", "Nope x=1"], ("--extra 'Nope x=1'", "no scored row")),
         # scan_forecast_corrections
         ("scan_forecast_corrections", ["--intervals", "1"], ("--intervals", "at least 2")),
         ("scan_forecast_corrections", ["--fewer-steps", "30"], ("--fewer-steps must be below 25",)),
@@ -117,6 +118,8 @@ def cases(f: dict[str, Path]) -> list[tuple[str, list[str], tuple[str, ...]]]:
         # bench_dydit
         ("bench_dydit", ["--steps", "0"], ("--steps", "at least 2")),
         ("bench_dydit", ["--name", "dit_dydit_nope"], ("dit_dydit_nope", "train_dydit.py")),
+        ("bench_dydit", ["--width-start", "1.5"], ("--width-start 1.5", "[0, 1)")),
+        ("bench_dydit", ["--seed", "-1"], ("--seed", "at least 0")),
     ]
 
 

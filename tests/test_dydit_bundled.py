@@ -162,14 +162,16 @@ def test_the_bench_has_dydit_rows_alone_and_stacked():
     from cachekit.bench import harness
     from cachekit.bench.methods import dydit_methods
     methods = dydit_methods()
-    assert [m.name for m in methods] == ["DyDiT", "DyDiT+FORA", "DyDiT+AdaptiveDiffusion"]
-    assert "N=2" in methods[1].setting
+    names = ["DyDiT", "DyDiT", "DyDiT+FORA", "DyDiT+AdaptiveDiffusion"]
+    assert [m.name for m in methods] == names
+    assert methods[1].setting == "lambda=0.5 width_start=0.08" and "N=2" in methods[2].setting
     args = harness.parse_args(["--models", "dit", "--only", "DyDiT", "DyDiT+FORA", "DyDiT+AdaptiveDiffusion"])
-    assert [m.name for m in args.methods] == [m.name for m in methods]     # scripts/bench_peers.py lists them
+    assert [m.name for m in args.methods] == names                     # scripts/bench_peers.py lists them
     rows = harness.bench_model("dit", methods, steps=5, images=2, cfg=3.0, rounds=1, passes=1, progress=False)
-    assert [r["method"] for r in rows] == ["uncached", "DyDiT", "DyDiT+FORA", "DyDiT+AdaptiveDiffusion"]
+    assert [r["method"] for r in rows] == ["uncached"] + names
     assert all(r["status"] == "ok" and r["speedup"] > 0 and 0 < r["psnr_db"] for r in rows[1:])
-    assert rows[2]["hit_rate"] > 0                     # FORA reused units on top of DyDiT
+    assert rows[2]["flops_executed"] > rows[1]["flops_executed"]      # the full-width first step ran more
+    assert rows[3]["hit_rate"] > 0                     # FORA reused units on top of DyDiT
 
 
 def test_the_panel_runs_the_bundled_dydit_alone_and_stacked():
@@ -188,6 +190,18 @@ def test_the_panel_runs_the_bundled_dydit_alone_and_stacked():
     skipping = engine.run(engine.Request("dit", "AdaptiveDiffusion", delta=0.5, steps=12, images=1, dydit=True),
                           progress=False)
     assert skipping.telemetry["skipped_steps"] and skipping.telemetry["dydit"]["block_flops_executed"] < 1
+    # Full width for the first half of the steps, then the routers' widths.
+    warm = engine.run(engine.Request("dit", "FORA", interval=1, steps=6, images=1, dydit=True, dydit_width_start=0.5),
+                      progress=False)
+    heads, groups = warm.telemetry["dydit"]["mean_heads"], warm.telemetry["dydit"]["mean_groups"]
+    assert all(h == 6 for row in heads[:3] for h in row) and all(g == 12 for row in groups[:3] for g in row)
+    assert any(g < 12 for row in groups[3:] for g in row)
+    official = engine.Request("dit", "FORA", interval=1, steps=6, images=1, dydit=True, dydit_width_start=0.0)
+    assert any(g < 12 for g in engine.run(official, progress=False).telemetry["dydit"]["mean_groups"][0])
+    assert "full width for the first 50% of steps" in report.run_summary(
+        engine.Request("dit", "FORA", dydit=True, dydit_width_start=0.5), warm)
+    with pytest.raises(ValueError, match="dydit_width_start must be between 0 and 1"):
+        engine.run(engine.Request("dit", "FORA", dydit=True, dydit_width_start=1.5))
     with pytest.raises(ValueError, match="DyDiT runs on the tiny DiT only"):
         engine.run(engine.Request("unet", "DeepCache", dydit=True))
     # The dense DiT is untouched afterwards: a plain FORA run is as before.

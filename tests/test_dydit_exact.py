@@ -181,6 +181,30 @@ def test_width_only_and_tokens_only():
             assert telemetry.token_keep_rates()[0] == [1.0, 1.0]
 
 
+def test_width_start_percent_runs_full_width_first_then_the_official_dydit():
+    state, model, routers = _converted(token_bias=1.0)
+    official, width_off = copy.deepcopy(model), copy.deepcopy(model)
+    sched = td.scheduler(10)
+    handle = apply_dydit(model, routers, scheduler=sched, width_start_percent=0.3)      # steps 0-2 full width
+    apply_dydit(official, routers, scheduler=sched)
+    apply_dydit(width_off, routers, scheduler=sched, width=False)
+    x, y = _inputs(), torch.tensor([4, 10])
+    for step, t in enumerate(sched.timesteps):
+        times = t.expand(2).float()
+        out = _run(model, x, times, y)
+        same_as = width_off if step < 3 else official
+        other = official if step < 3 else width_off
+        assert torch.equal(out, _run(same_as, x, times, y)), step
+        assert not torch.equal(out, _run(other, x, times, y)), step
+        x = x - 0.05 * out[:, :4]
+    heads = handle.telemetry.mean_heads()
+    assert all(h == [HEADS, HEADS] for h in heads[:3]) and any(h != [HEADS, HEADS] for h in heads[3:])
+    assert all(rates != [1.0, 1.0] for rates in handle.telemetry.token_keep_rates())     # tokens route throughout
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="width_start_percent must be in"):
+            apply_dydit(copy.deepcopy(official), routers, scheduler=sched, width_start_percent=bad)
+
+
 def test_a_patched_model_copies_and_pickles_plain():
     _, model, routers = _converted()
     handle = apply_dydit(model, routers, num_inference_steps=1)

@@ -94,6 +94,30 @@ def test_scoring_reruns_each_row_on_the_bundled_model():
         low, high = s["accuracy_ci95"]
         assert low <= s["accuracy"] <= high
     assert by["steps=10"]["psnr_db"] < by["steps=16"]["psnr_db"]
+    # CacheKit rows report the work their telemetry counts (fewer steps has no telemetry).
+    cached = by["N=2 branch=0"]
+    assert 0.3 < cached["work"] < 0.9 and cached["work_first"] == cached["work"]      # one batch
+    assert by["steps=10"]["work"] is None and not any(s["extra"] for s in scored)
+
+
+def test_extra_rows_are_listed_apart_and_decide_nothing():
+    scored = {"unet": [_scored("steps=25", float("inf"), 0.9, 1.0, "-", "uncached"),
+                       _scored("steps=16", 20.0, 0.6, 1.66, "fewer steps", "DDIM"),
+                       _scored("steps=10", 15.0, 0.4, 2.5, "fewer steps", "DDIM"),
+                       _scored("N=3 branch=1 reuse=forecast1", 26.0, 0.7, 2.19),
+                       _scored("N=2 branch=0", 25.5, 0.8, 2.06, "deepcache (official)"),
+                       _scored("N=2 branch=0", 24.0, 0.9, 1.67),
+                       _scored("N=5 branch=0", 18.0, 0.3, 4.0),
+                       {**_scored("N=2 branch=1", 40.0, 0.95, 1.55), "extra": True, "work": 0.3, "work_first": 0.25}]}
+    # N=2 branch=1 is the 4th CacheKit row of the >= 1.5x band by its 12-image PSNR: no contender
+    rows = ROWS + [_row("CacheKit", "DeepCache", "N=2 branch=1", 16.0, [1.55, 1.6], interval=2, branch=1)]
+    bands = qc.verdicts(rows, scored)["bands"]
+    assert all(b["cachekit"]["setting"] != "N=2 branch=1" for b in bands)     # 40 dB, yet outside the rule
+    text = qc.to_markdown({"meta": {"images": 96, "command": "c", "date": "d", "runtime_min": 1, "peers": "p",
+                                    "peers_date": "d", "peers_images": 12}, "rows": scored,
+                           **qc.verdicts(rows, scored)})
+    apart = text.split("## Outside the rule")[1].split("## Every re-scored row")[0]
+    assert "N=2 branch=1" in apart and "25.0% / 30.0%" in apart and "N=5 branch=0" not in apart
 
 
 def test_rows_that_cannot_be_rebuilt_are_named():
