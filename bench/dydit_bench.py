@@ -167,8 +167,8 @@ def verdicts(result: dict) -> list[str]:
                          f"{'met' if s >= SPEED_GOAL else 'NOT met'})")
         drop = 100 * (q["dense"]["accuracy"] - q[key]["accuracy"])
         lines.append(f"{label}: class accuracy {q[key]['accuracy']:.1%} vs dense {q['dense']['accuracy']:.1%} "
-                     f"({drop:+.1f} points lost; goal within {ACCURACY_POINTS:g}: "
-                     f"{'met' if drop <= ACCURACY_POINTS else 'NOT met'})")
+                     f"({abs(drop):.1f} points {'below' if drop > 0 else 'above'}; goal within "
+                     f"{ACCURACY_POINTS:g} points: {'met' if drop <= ACCURACY_POINTS else 'NOT met'})")
     if at8:
         m = at8["sliced_vs_masked"]["speedup"]
         lines.append(f"sliced over masked, same decisions, batch 8: {m:.2f}x (goal {SLICED_GOAL}x: "
