@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import platform
 import statistics
 import sys
@@ -249,7 +250,7 @@ def main(argv=None):
     result = measure(args.name, steps=args.steps, images=args.images, rounds=args.rounds,
                      batches=tuple(args.batches), stacked=not args.no_stacked, width_start=args.width_start,
                      seed=args.seed)
-    meta = {"command": " ".join(["python", "scripts/bench_dydit.py", *(sys.argv[1:] if argv is None else argv)]),
+    meta = {"command": shlex.join(["python", "scripts/bench_dydit.py", *(sys.argv[1:] if argv is None else argv)]),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": f"{platform.machine()} CPU, torch {torch.__version__}, 1 thread",
             "runtime_min": round((time.perf_counter() - started) / 60, 1)}

@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import shlex
 import platform
 import statistics
 import sys
@@ -501,7 +502,7 @@ def main(argv=None):
     for n, kind in enumerate(args.models):
         rows += bench_model(kind, args.methods, steps=args.steps, images=args.images, cfg=args.cfg,
                             rounds=args.rounds, passes=args.passes, tolerance=args.tolerance)
-        meta = {"command": " ".join(["python", "scripts/bench_peers.py", *(sys.argv[1:] if argv is None else argv)]),
+        meta = {"command": shlex.join(["python", "scripts/bench_peers.py", *(sys.argv[1:] if argv is None else argv)]),
                 "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                 "machine": f"{platform.machine()} CPU, torch {torch.__version__}, 1 thread",
                 "runtime_min": round((time.perf_counter() - started) / 60, 1), "steps": args.steps,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import math
 import sys
 import time
@@ -296,7 +297,7 @@ def main(argv=None):
     batch = args.batch or meta.get("images") or args.images
     scored = {model: score(model, model_rows, steps=meta.get("steps", 25), images=args.images,
                            cfg=meta.get("cfg", 3.0), batch=batch) for model, model_rows in chosen.items()}
-    result = {"meta": {"command": " ".join(["python", "scripts/check_quality.py",
+    result = {"meta": {"command": shlex.join(["python", "scripts/check_quality.py",
                                             *(sys.argv[1:] if argv is None else argv)]),
                        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                        "runtime_min": round((time.perf_counter() - started) / 60, 1), "images": args.images, "batch": batch,
