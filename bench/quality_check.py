@@ -14,8 +14,9 @@ the peer benchmark's (quality does not depend on timing).
 
 Per row: PSNR and SSIM vs. the full-step uncached images, class accuracy with its 95 % Wilson
 interval, agreement (the classifier gives the image the class it gives the uncached image), and
-for CacheKit rows the work they executed on these images next to the bench batch's: methods that
-decide per batch (AdaptiveDiffusion) may skip less, so run slower, on other images.
+the work each row executed (FLOPs over the uncached run's, counted as the bench counts them) on the
+first batch (the bench's own images) and over all: methods that decide per batch
+(AdaptiveDiffusion, SeaCache, FirstBlockCache, ...) may compute more, so run slower, on other images.
 `--extra "METHOD SETTING"` re-scores further rows and lists them apart; they decide nothing.
 Writes `quality_check.md` and `quality_check.json`.
 """
@@ -31,6 +32,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from ..core.quality import psnr, ssim
@@ -110,20 +112,21 @@ def score(kind: str, rows: list[dict], *, steps: int, images: int, cfg: float, s
     batch = batch or images
     chunks = [(labels[i:i + batch], seed + k) for k, i in enumerate(range(0, images, batch))]
 
-    work: list[float | None] = []          # the last sampled method's executed fraction per batch
+    flops: list[float] = []                # the last sampled run's FLOPs per batch (FlopCounterMode: the bench's measure)
 
     def sampled(method: Method | None) -> torch.Tensor:
         out = []
-        work.clear()
+        flops.clear()
         for chunk, chunk_seed in chunks:
             setup = None if method is None else _install(method, base, steps)
-            out.append(_run(setup, base, chunk, steps, cfg, chunk_seed))
+            with FlopCounterMode(display=False) as counter:
+                out.append(_run(setup, base, chunk, steps, cfg, chunk_seed))
+            flops.append(float(counter.get_total_flops()))
             if setup is not None:
-                telemetry = setup.finish()
-                fraction = getattr(telemetry, "executed_fraction", None)
-                work.append(fraction() if callable(fraction) else None)
+                setup.finish()
         return torch.cat(out)
     reference = sampled(None)
+    reference_flops = list(flops)
 
     @torch.no_grad()
     def predicted(batch: torch.Tensor) -> torch.Tensor:
@@ -147,11 +150,11 @@ def score(kind: str, rows: list[dict], *, steps: int, images: int, cfg: float, s
                  else {"origin": row["origin"], "method": row["method"], "setting": row["setting"],
                        "speed": frontier.band_speed(row), "accuracy_12": row.get("accuracy"),
                        "psnr_db_12": row.get("psnr_db")})
-        executed = None if row is None or not work or None in work else round(sum(work) / len(work), 3)
+        executed = None if row is None else round(sum(flops) / sum(reference_flops), 3)
         return {**brief, "psnr_db": round(psnr(reference, output), 2), "ssim": round(ssim(reference, output), 4),
                 "accuracy": round(correct / images, 4), "accuracy_ci95": [round(low, 4), round(high, 4)],
                 "agreement": round(float((classes == reference_class).float().mean()), 4),
-                "work": executed, "work_first": None if executed is None else round(work[0], 3),
+                "work": executed, "work_first": None if executed is None else round(flops[0] / reference_flops[0], 3),
                 "extra": bool(row is not None and row.get("extra"))}
     out = [entry(None, reference)]
     for row in tqdm(rows, desc=f"{kind}: quality on {images} images", unit="row", disable=not progress):
@@ -247,9 +250,9 @@ def to_markdown(result: dict) -> str:
                   f"| {s.get('psnr_db_12', '-')} | {s['psnr_db']} | {_ci(s)} | {_pct(s['agreement'])} | {_work(s)} |"
                   for model, s in extra]
     lines += ["", "## Every re-scored row", "",
-              "Work (CacheKit rows): the share of the model's FLOPs its telemetry counts as executed, on the first "
-              "batch (the bench's own images) / over all batches; a method that decides per batch runs slower where "
-              "it executes more.", "",
+              "Work: FLOPs executed over the uncached run's (torch FlopCounterMode, as the bench counts them) on "
+              "the first batch (the bench's own images) / over all batches; a method that decides per batch runs "
+              "slower where it executes more.", "",
               "| model | origin | method | setting | speed | PSNR (12 images) | PSNR | SSIM | accuracy (12 images) "
               "| accuracy [95 %] | agree | work |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for model, scored in result["rows"].items():

@@ -94,10 +94,11 @@ def test_scoring_reruns_each_row_on_the_bundled_model():
         low, high = s["accuracy_ci95"]
         assert low <= s["accuracy"] <= high
     assert by["steps=10"]["psnr_db"] < by["steps=16"]["psnr_db"]
-    # CacheKit rows report the work their telemetry counts (fewer steps has no telemetry).
+    # Every row reports the FLOPs it executed over the uncached run's, as the bench counts them.
     cached = by["N=2 branch=0"]
     assert 0.3 < cached["work"] < 0.9 and cached["work_first"] == cached["work"]      # one batch
-    assert by["steps=10"]["work"] is None and not any(s["extra"] for s in scored)
+    assert by["steps=10"]["work"] == pytest.approx(10 / 25, abs=0.002) and scored[0]["work"] is None
+    assert not any(s["extra"] for s in scored)
 
 
 def test_extra_rows_are_listed_apart_and_decide_nothing():
@@ -138,5 +139,6 @@ def test_images_are_sampled_in_the_benchs_batches_with_one_seed_each():
     run = lambda steps: torch.cat([sample(base, labels[i:i + 2], steps=steps, cfg=3.0, seed=k)
                                    for k, i in enumerate((0, 2))])
     assert scored[1]["psnr_db"] == round(psnr(run(25), run(16)), 2)
+    assert scored[1]["work_first"] == scored[1]["work"] == pytest.approx(16 / 25, abs=0.002)
     whole = qc.score("unet", [row], steps=25, images=4, cfg=3.0, progress=False)       # one batch, seed 0
     assert whole[1]["psnr_db"] != scored[1]["psnr_db"]
