@@ -203,13 +203,15 @@ def build() -> gr.Blocks:
             images = gr.Slider(1, 8, value=engine.Request.images, step=1, label="Images", elem_id="images")
             rounds = gr.Slider(1, engine.MAX_ROUNDS, value=engine.Request.rounds, step=1, elem_id="rounds",
                                label="Timing rounds", info="more: the speedup gets a range")
+        with gr.Row(equal_height=True):
             dydit = gr.Checkbox(value=engine.Request.dydit, label="On the bundled DyDiT (tiny DiT)", elem_id="dydit",
                                 info="cached pass: the DiT fine-tuned with DyDiT routers (dynamic heads, MLP groups, "
-                                     "tokens) plus the method; alone: FORA interval 1")
+                                     "tokens) plus the method; alone: FORA interval 1", scale=2)
             dydit_width_start = gr.Slider(0.0, 0.5, value=engine.Request.dydit_width_start, step=0.04,
                                           label="DyDiT full width until", elem_id="dydit-width-start",
                                           info="share of steps with every head and MLP group before DyDiT's width "
-                                               "routers act (0: official DyDiT; 0.08 keeps the class accuracy)")
+                                               "routers act (0: official DyDiT; 0.08 keeps the class accuracy)",
+                                          scale=1)
         run = gr.Button("Generate", variant="primary", elem_id="generate")
         with gr.Row():
             # PNG, not the default WebP: lossless, so API users get the exact pixels.

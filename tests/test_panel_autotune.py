@@ -314,7 +314,10 @@ def test_browser_shows_the_last_tune_on_open_and_uses_its_choice(server, cache_d
             # No click: the load event fills the Autotune section and opens it.
             page.wait_for_function("() => (document.querySelector('#autotune-summary')?.innerText || '')"
                                    ".includes('The last autotune')", timeout=60_000)
-            assert page.locator("#autotune-plot img").is_visible()
+            # The plot is its own output and a lazy image: bring it into view, then wait for it.
+            plot = page.locator("#autotune-plot img")
+            plot.scroll_into_view_if_needed()
+            plot.wait_for(state="visible", timeout=30_000)
             assert "interval=3, start_percent=0, reuse=hold" in page.inner_text("#autotune-table")
             assert "DeepCache" in page.inner_text("#method-info")
             page.locator("#autotune-apply").click()
