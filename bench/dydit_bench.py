@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import platform
+import shlex
 import statistics
 import sys
 import time

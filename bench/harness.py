@@ -34,8 +34,8 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import shlex
 import platform
+import shlex
 import statistics
 import sys
 import threading

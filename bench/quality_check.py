@@ -24,15 +24,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import math
+import shlex
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from ..core.quality import psnr, ssim
@@ -40,7 +39,7 @@ from ..tinymodels.bundled import load, load_classifier
 from ..tinymodels.shapes import NUM_CLASSES
 from . import frontier
 from .cli import existing_file, int_at_least, run_cli
-from .harness import _install, _round, _run, calibrated_magcache
+from .harness import _flops, _install, _round, _run, calibrated_magcache
 from .methods import FEWER_STEPS, Method, all_methods, dydit_methods, fewer_steps
 
 UNIT_METHODS = {"dit": "FORA", "unet": "DeepCache"}     # the issue's "each unit method with forecasting"
@@ -112,21 +111,16 @@ def score(kind: str, rows: list[dict], *, steps: int, images: int, cfg: float, s
     batch = batch or images
     chunks = [(labels[i:i + batch], seed + k) for k, i in enumerate(range(0, images, batch))]
 
-    flops: list[float] = []                # the last sampled run's FLOPs per batch (FlopCounterMode: the bench's measure)
-
-    def sampled(method: Method | None) -> torch.Tensor:
-        out = []
-        flops.clear()
+    def sampled(method: Method | None) -> tuple[torch.Tensor, list[float]]:
+        """The images, and the FLOPs of each batch (counted as the bench counts them)."""
+        out, flops = [], []
         for chunk, chunk_seed in chunks:
             setup = None if method is None else _install(method, base, steps)
-            with FlopCounterMode(display=False) as counter:
-                out.append(_run(setup, base, chunk, steps, cfg, chunk_seed))
-            flops.append(float(counter.get_total_flops()))
+            flops.append(_flops(lambda: out.append(_run(setup, base, chunk, steps, cfg, chunk_seed))))
             if setup is not None:
                 setup.finish()
-        return torch.cat(out)
-    reference = sampled(None)
-    reference_flops = list(flops)
+        return torch.cat(out), flops
+    reference, reference_flops = sampled(None)
 
     @torch.no_grad()
     def predicted(batch: torch.Tensor) -> torch.Tensor:
@@ -142,7 +136,7 @@ def score(kind: str, rows: list[dict], *, steps: int, images: int, cfg: float, s
         raise ValueError(f"cannot rebuild {', '.join(missing)} on the {kind} (a learned router or a peer this "
                          f"install lacks); re-run the peer benchmark without them")
 
-    def entry(row: dict | None, output: torch.Tensor) -> dict:
+    def entry(row: dict | None, output: torch.Tensor, flops: list[float]) -> dict:
         classes = predicted(output)
         correct = int((classes == labels).sum())
         low, high = wilson(correct, images)
@@ -156,9 +150,9 @@ def score(kind: str, rows: list[dict], *, steps: int, images: int, cfg: float, s
                 "agreement": round(float((classes == reference_class).float().mean()), 4),
                 "work": executed, "work_first": None if executed is None else round(flops[0] / reference_flops[0], 3),
                 "extra": bool(row is not None and row.get("extra"))}
-    out = [entry(None, reference)]
+    out = [entry(None, reference, reference_flops)]
     for row in tqdm(rows, desc=f"{kind}: quality on {images} images", unit="row", disable=not progress):
-        out.append(entry(row, sampled(methods[_ident(row)])))
+        out.append(entry(row, *sampled(methods[_ident(row)])))
     return out
 
 

@@ -152,10 +152,7 @@ class CacheHandle(RunRecorder):
         return self.session, sigma, new_run
 
     def _new_session(self) -> CacheSession:
-        num_steps, first = self._tracker.num_steps, self._tracker.first_step
-        # The window and the method's schedule count from the run's first call (img2img).
-        rest = window_from_percent(num_steps - first, self.start_percent, self.end_percent)
-        window = range(first + rest.start, first + rest.stop)
+        window = self._tracker.window(self.start_percent, self.end_percent)
         return self._tracker.open_session(self.owner, self.units, self.policy, window)
 
     def _prepare_profile(self, session: CacheSession, args: tuple, kwargs: dict, x: torch.Tensor) -> None:
@@ -202,6 +199,13 @@ class StepTracker:
     @property
     def num_steps(self) -> int:
         return self.clock.num_steps
+
+    def window(self, start_percent: float, end_percent: float) -> range:
+        """The current run's steps in [start_percent, end_percent), counted from the run's first
+        call (img2img starts part-way down the schedule)."""
+        first = self.first_step
+        rest = window_from_percent(self.num_steps - first, start_percent, end_percent)
+        return range(first + rest.start, first + rest.stop)
 
     def open_session(self, owner: str, units: UnitMap, policy: Policy, window: range) -> CacheSession:
         """The run's session, with the few-step and noisy-sampler guards (core/guards.py)."""

@@ -56,7 +56,6 @@ from ..core.dydit.sidecar import load_routers
 from ..core.dydit.slicing import SliceCache, attention, channels, columns, fused_qkv, rows, signature
 from ..core.dydit.telemetry import BlockGeometry, DyDiTRun, DyDiTTelemetry
 from ..core.dydit.tokens import gather_kept, scatter_kept
-from ..core.clock import window_from_percent
 from ..core.dydit.widths import Width, widths_from_gates
 from ..core.lifecycle import RunLifecycle
 from . import attach
@@ -235,9 +234,7 @@ class DyDiTHandle(RunRecorder):
         new_run, step, _ = self._tracker.locate(call_timestep(args, kwargs), self.session is not None)
         if new_run:
             self.lifecycle.open()
-            first = self._tracker.first_step    # img2img: the window counts from the run's first call
-            self._width_from = first + window_from_percent(self._tracker.num_steps - first,
-                                                           self.width_start_percent, 1.0).start
+            self._width_from = self._tracker.window(self.width_start_percent, 1.0).start
         x = args[0] if args else kwargs.get("hidden_states")
         self.current = DyDiTCall(step, x.shape[0] if isinstance(x, torch.Tensor) else 1)
         self._started = time.perf_counter()

@@ -54,14 +54,19 @@ def _scored(setting, psnr, accuracy, speed, origin="CacheKit", method="DeepCache
             "accuracy": accuracy, "accuracy_ci95": [0, 1], "agreement": accuracy, "ssim": 0.9}
 
 
+def _rescored_rows() -> list[dict]:
+    """ROWS as re-scored on more images: the order of the close CacheKit rows is unchanged here."""
+    return [_scored("steps=25", float("inf"), 0.9, 1.0, "-", "uncached"),
+            _scored("steps=16", 20.0, 0.6, 1.66, "fewer steps", "DDIM"),
+            _scored("steps=10", 15.0, 0.4, 2.5, "fewer steps", "DDIM"),
+            _scored("N=3 branch=1 reuse=forecast1", 26.0, 0.7, 2.19),
+            _scored("N=2 branch=0", 25.5, 0.8, 2.06, "deepcache (official)"),
+            _scored("N=2 branch=0", 24.0, 0.9, 1.67),
+            _scored("N=5 branch=0", 18.0, 0.3, 4.0)]
+
+
 def test_verdicts_use_the_rescored_quality_not_the_twelve_image_one():
-    scored = {"unet": [_scored("steps=25", float("inf"), 0.9, 1.0, "-", "uncached"),
-                       _scored("steps=16", 20.0, 0.6, 1.66, "fewer steps", "DDIM"),
-                       _scored("steps=10", 15.0, 0.4, 2.5, "fewer steps", "DDIM"),
-                       _scored("N=3 branch=1 reuse=forecast1", 26.0, 0.7, 2.19),
-                       _scored("N=2 branch=0", 25.5, 0.8, 2.06, "deepcache (official)"),
-                       _scored("N=2 branch=0", 24.0, 0.9, 1.67),
-                       _scored("N=5 branch=0", 18.0, 0.3, 4.0)]}
+    scored = {"unet": _rescored_rows()}
     result = qc.verdicts(ROWS, scored)
     bands = {b["band"]: b for b in result["bands"]}
     assert bands[1.5]["margin_db"] == pytest.approx(0.5) and not bands[1.5]["margin_met"]
@@ -102,14 +107,8 @@ def test_scoring_reruns_each_row_on_the_bundled_model():
 
 
 def test_extra_rows_are_listed_apart_and_decide_nothing():
-    scored = {"unet": [_scored("steps=25", float("inf"), 0.9, 1.0, "-", "uncached"),
-                       _scored("steps=16", 20.0, 0.6, 1.66, "fewer steps", "DDIM"),
-                       _scored("steps=10", 15.0, 0.4, 2.5, "fewer steps", "DDIM"),
-                       _scored("N=3 branch=1 reuse=forecast1", 26.0, 0.7, 2.19),
-                       _scored("N=2 branch=0", 25.5, 0.8, 2.06, "deepcache (official)"),
-                       _scored("N=2 branch=0", 24.0, 0.9, 1.67),
-                       _scored("N=5 branch=0", 18.0, 0.3, 4.0),
-                       {**_scored("N=2 branch=1", 40.0, 0.95, 1.55), "extra": True, "work": 0.3, "work_first": 0.25}]}
+    extra = {**_scored("N=2 branch=1", 40.0, 0.95, 1.55), "extra": True, "work": 0.3, "work_first": 0.25}
+    scored = {"unet": _rescored_rows() + [extra]}
     # N=2 branch=1 is the 4th CacheKit row of the >= 1.5x band by its 12-image PSNR: no contender
     rows = ROWS + [_row("CacheKit", "DeepCache", "N=2 branch=1", 16.0, [1.55, 1.6], interval=2, branch=1)]
     bands = qc.verdicts(rows, scored)["bands"]
