@@ -234,7 +234,9 @@ class DyDiTHandle(RunRecorder):
         new_run, step, _ = self._tracker.locate(call_timestep(args, kwargs), self.session is not None)
         if new_run:
             self.lifecycle.open()
-            self._width_from = self._tracker.window(self.width_start_percent, 1.0).start
+            routed = self._tracker.window(self.width_start_percent, 1.0)
+            # An empty window (width_start_percent 1) routes no step: its start would be the run's first.
+            self._width_from = routed.start if routed else self._tracker.num_steps
         x = args[0] if args else kwargs.get("hidden_states")
         self.current = DyDiTCall(step, x.shape[0] if isinstance(x, torch.Tensor) else 1)
         self._started = time.perf_counter()

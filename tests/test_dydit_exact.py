@@ -200,6 +200,16 @@ def test_width_start_percent_runs_full_width_first_then_the_official_dydit():
     heads = handle.telemetry.mean_heads()
     assert all(h == [HEADS, HEADS] for h in heads[:3]) and any(h != [HEADS, HEADS] for h in heads[3:])
     assert all(rates != [1.0, 1.0] for rates in handle.telemetry.token_keep_rates())     # tokens route throughout
+    # 1.0: full width at every step (an empty routed window, not one that starts at step 0).
+    never = copy.deepcopy(width_off)
+    handle.remove()
+    apply_dydit(never, routers, scheduler=sched, width_start_percent=1.0)
+    x = _inputs()
+    for t in sched.timesteps:
+        times = t.expand(2).float()
+        out = _run(never, x, times, y)
+        assert torch.equal(out, _run(width_off, x, times, y))
+        x = x - 0.05 * out[:, :4]
     for bad in (-0.1, 1.5):
         with pytest.raises(ValueError, match="width_start_percent must be in"):
             apply_dydit(copy.deepcopy(official), routers, scheduler=sched, width_start_percent=bad)
