@@ -47,6 +47,11 @@ NOT_APPLICABLE = {
                                                           "a U-Net has none",
     "FasterCache / TaylorSeer on the U-Net": "their hooks target attention layers, a small share of this U-Net's "
                                              "compute (its convolutions dominate); not run",
+    "TaylorSeer lite on the U-Net": "its skip mode stands in zeros for each tensor a skipped module returned, and "
+                                    "fails on the U-Net's down blocks, whose output nests a tuple (AttributeError: "
+                                    "'tuple' object has no attribute 'dtype'); the computation it would do (the whole "
+                                    "prediction forecast every other step) is CacheKit's AdaptiveDiffusion "
+                                    "max_skip=1 forecast rows, which the U-Net's bands already rank",
     "LayerSkip, SmoothedEnergyGuidance": "guidance techniques, not caches",
     "group offloading, layerwise casting, context/tensor parallel": "memory and parallelism, not caches",
 }
@@ -310,6 +315,21 @@ def diffusers_taylorseer(interval: int) -> Method:
         needs_context=True)
 
 
+def diffusers_taylorseer_lite(interval: int, order: int, warmup: int) -> Method:
+    """TaylorSeer's lite mode: every block skipped on a cached step and the model's output
+    projection forecast, i.e. the whole noise prediction extrapolated (what CacheKit's
+    AdaptiveDiffusion with a forecast reuse does on its skipped steps). Its built-in patterns
+    (`proj_out`) miss the DiT's `proj_out_2`, so they are named here. `warmup`: diffusers'
+    disable_cache_before_step (3 by default)."""
+    from diffusers.hooks import TaylorSeerCacheConfig, apply_taylorseer_cache
+    return _diffusers_hook(
+        "TaylorSeer lite", f"N={interval} order={order} warmup={warmup}", ("dit",),
+        lambda net, clock, steps: apply_taylorseer_cache(net, TaylorSeerCacheConfig(
+            cache_interval=interval, disable_cache_before_step=warmup, max_order=order, taylor_factors_dtype=None,
+            skip_predict_identifiers=[r"^transformer_blocks\.\d+$"], cache_identifiers=[r"^proj_out_2$"])),
+        needs_context=True)
+
+
 def diffusers_magcache(threshold: float, ratios: dict) -> Method:
     """MagCache needs per-step magnitude ratios: the runner calibrates them on the uncached run."""
     from diffusers.hooks import MagCacheConfig, apply_mag_cache
@@ -399,6 +419,8 @@ def peer_methods(magcache_ratios: dict | None = None) -> list[Method]:
     methods += [diffusers_pab(s) for s in (2, 3)]
     methods += [diffusers_fastercache(2)]
     methods += [diffusers_taylorseer(n) for n in (3, 5)]
+    methods += [diffusers_taylorseer_lite(n, order, warmup) for n, order, warmup in
+                ((2, 1, 3), (2, 2, 3), (2, 1, 4), (2, 2, 4), (2, 2, 6), (2, 2, 8), (3, 2, 4), (3, 2, 6))]
     if magcache_ratios is not None:
         methods += [diffusers_magcache(t, magcache_ratios) for t in (0.06, 0.12)]
     methods += [diffusers_seacache(t) for t in (0.15, 0.25, 0.35, 0.5, 1.0)]

@@ -90,14 +90,16 @@ class StepSkipHandle(RunRecorder):
 
 def apply_adaptive_skip(target: Any, *, delta: float = 0.01, max_skip_steps: int = 4, scheduler: Any = None,
                         num_inference_steps: int | None = None, official_cap: bool = False,
-                        reuse: str = "hold") -> StepSkipHandle:
+                        reuse: str = "hold", warmup_steps: int = 4) -> StepSkipHandle:
     """AdaptiveDiffusion step skipping on any diffusers denoiser (U-Net or transformer).
 
     At most `max_skip_steps` steps are skipped in a row; `official_cap=True` applies the official
     code's cap instead, whose first run of skips after the warm-up may be 5 long. `reuse`: what a
     skipped step returns, "hold" (the previous output, as published) or "forecast1"/"forecast2"
-    (extrapolated from the last computed steps)."""
+    (extrapolated from the last computed steps). `warmup_steps`: steps that always run first (4, the
+    official, or more)."""
     model, scheduler = _resolve(target, scheduler)
     if getattr(model, STEP_SKIP_ATTR, None) is not None:
         raise ValueError("This model already has adaptive step skipping; call remove() on its handle first.")
-    return StepSkipHandle(model, AdaptiveConfig(delta, max_skip_steps, official_cap, reuse), scheduler, num_inference_steps)
+    config = AdaptiveConfig(delta, max_skip_steps, official_cap, reuse, warmup_steps)
+    return StepSkipHandle(model, config, scheduler, num_inference_steps)

@@ -17,7 +17,7 @@ from ..tinymodels.shapes import CLASSES
 from ..core.heatmap import block_heatmap
 from . import charts, comfy_client, engine, pictures, report, tuning
 
-CONTROLS = ("interval", "branch", "delta", "threshold", "start_percent", "reuse")   # method sliders, in the order of build()
+CONTROLS = ("interval", "branch", "delta", "max_skip_steps", "threshold", "start_percent", "reuse")   # method sliders, in the order of build()
 # The charts carry their own titles (charts.py): gradio's label would sit on top of the picture.
 CHART = dict(type="numpy", format="png", interactive=False, show_label=False, buttons=["download", "fullscreen"])
 # The default value of each autotune target (switching the target resets the value to it).
@@ -63,12 +63,13 @@ def comfy_runs(url):
 def generate(model, method, interval, branch, class_name, seed, steps, cfg, images, delta=engine.Request.delta,
              start_percent=engine.Request.start_percent, rounds=engine.Request.rounds, reuse=engine.Request.reuse,
              threshold=engine.Request.threshold, dydit=engine.Request.dydit,
-             dydit_width_start=engine.Request.dydit_width_start, progress=gr.Progress()):
+             dydit_width_start=engine.Request.dydit_width_start, max_skip_steps=engine.Request.max_skip_steps,
+             progress=gr.Progress()):
     request = engine.Request(model=model, method=method, interval=int(interval), branch=int(branch),
                              class_name=class_name, seed=int(seed), steps=int(steps), cfg=float(cfg),
                              images=int(images), delta=float(delta), start_percent=float(start_percent),
                              rounds=int(rounds), reuse=str(reuse), threshold=float(threshold), dydit=bool(dydit),
-                             dydit_width_start=float(dydit_width_start))
+                             dydit_width_start=float(dydit_width_start), max_skip_steps=int(max_skip_steps))
 
     def on_progress(text, done, total):
         progress(done / total, desc=text)
@@ -186,8 +187,11 @@ def build() -> gr.Blocks:
                                  visible=shown["interval"], elem_id="interval")
             branch = gr.Slider(0, 8, value=engine.Request.branch, step=1, label="DeepCache branch (0 = shallowest)",
                                visible=shown["branch"], elem_id="branch")
-            delta = gr.Slider(0.0, 0.5, value=engine.Request.delta, step=0.005,
+            delta = gr.Slider(0.0, 1.0, value=engine.Request.delta, step=0.005,
                               label="AdaptiveDiffusion delta (skip threshold)", visible=shown["delta"], elem_id="delta")
+            max_skip = gr.Slider(1, 8, value=engine.Request.max_skip_steps, step=1,
+                                 label="Max skipped steps in a row (1 + forecast: most accurate)",
+                                 visible=shown["max_skip_steps"], elem_id="max-skip")
             threshold = gr.Slider(0.0, 0.5, value=engine.Request.threshold, step=0.005,
                                   label="ChangeCache threshold (first-block change)", visible=shown["threshold"],
                                   elem_id="threshold")
@@ -263,13 +267,13 @@ def build() -> gr.Blocks:
                 attach = gr.Button("Show ComfyUI runs", elem_id="comfy-attach")
             comfy_list = gr.Markdown(elem_id="comfy-runs")
             comfy_run = gr.JSON(label="Newest run", visible=False)
-        controls = [method_info, interval, branch, delta, threshold, start_percent, reuse]
+        controls = [method_info, interval, branch, delta, max_skip, threshold, start_percent, reuse]
         # .input, not .change: "Use the chosen settings" sets model and method together, and a
         # model change would reset the method to the model's first.
         model.input(_methods_for, model, [method] + controls)
         method.change(_controls_for, method, controls)
         inputs = [model, method, interval, branch, class_name, seed, steps, cfg, images, delta, start_percent, rounds,
-                  reuse, threshold, dydit, dydit_width_start]
+                  reuse, threshold, dydit, dydit_width_start, max_skip]
         run.click(generate, inputs, [uncached, cached, difference, summary, heatmap, step_plot, block_plot, stats,
                                      download], api_name="generate", concurrency_id="sampling")
         # Tunes and runs share one queue: both patch and time the same loaded model.
@@ -279,8 +283,9 @@ def build() -> gr.Blocks:
         tune_run.click(autotune, [tune_model, tune_method, tune_target, tune_value, tune_steps, tune_images,
                                   tune_trials], tune_view, api_name="autotune", concurrency_id="sampling",
                        show_progress_on=tune_plot)
-        tune_apply.click(apply_autotune, tune_record, [model, method, interval, branch, delta, threshold, start_percent,
-                                                       reuse, steps, tune_note], api_name="apply_autotune")
+        tune_apply.click(apply_autotune, tune_record, [model, method, interval, branch, delta, max_skip, threshold,
+                                                       start_percent, reuse, steps, tune_note],
+                         api_name="apply_autotune")
         app.load(last_autotune, None, tune_view + [tune_section], api_name="last_autotune")
         attach.click(comfy_runs, comfy_url, [summary, heatmap, step_plot, block_plot, comfy_list, comfy_run, download],
                      api_name="comfy_runs")

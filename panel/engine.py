@@ -22,7 +22,7 @@ from ..tinymodels.shapes import CLASSES
 MODELS = {"dit": "Tiny DiT (FORA)", "unet": "Tiny U-Net (DeepCache)"}
 # The panel's method controls (Request fields, app.CONTROLS) and the method settings they set: a
 # control drives the setting of that role ("interval", "branch") or, failing that, of its name.
-CONTROLS = ("interval", "branch", "delta", "threshold", "start_percent", "reuse")
+CONTROLS = ("interval", "branch", "delta", "max_skip_steps", "threshold", "start_percent", "reuse")
 MAX_ROUNDS = 5
 # A HarmoniCa router trained on the bundled DiT (scripts/train_router.py) for the panel's 25 steps.
 BUNDLED_ROUTER = WEIGHTS / "dit_router_harmonica_25.safetensors"
@@ -70,6 +70,7 @@ class Request:
     cfg: float = 3.0
     images: int = 4
     delta: float = 0.05             # AdaptiveDiffusion only
+    max_skip_steps: int = 4         # AdaptiveDiffusion only: the official default
     threshold: float = 0.05         # ChangeCache only
     # FORA only: the share of steps computed in full before reuse starts. The bundled DiT's
     # features move fast early on (bench: 13 dB from step 0 vs 27 dB from 20 % at N=2).
@@ -108,6 +109,10 @@ class Request:
         if not 0.0 <= self.start_percent < 1.0:
             raise ValueError("start_percent must be at least 0 and below 1 "
                              "(the share of steps computed in full before FORA reuses anything).")
+        if isinstance(self.max_skip_steps, bool) or not isinstance(self.max_skip_steps, int) or \
+                not 1 <= self.max_skip_steps <= 100:
+            raise ValueError(f"max_skip_steps must be a whole number from 1 to 100, got {self.max_skip_steps!r} "
+                             "(at most this many skipped steps in a row; 4 is the official default).")
         if not 1 <= self.rounds <= MAX_ROUNDS:
             raise ValueError(f"rounds must be between 1 and {MAX_ROUNDS}.")
         if not 0.0 <= self.dydit_width_start <= 1.0:

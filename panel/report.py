@@ -8,8 +8,8 @@ from pathlib import Path
 
 from . import engine
 
-SETTING_NAMES = {"interval": "interval", "branch": "branch", "delta": "delta", "threshold": "threshold",
-                 "start_percent": "start", "reuse": "reuse"}
+SETTING_NAMES = {"interval": "interval", "branch": "branch", "delta": "delta", "max_skip_steps": "max skip",
+                 "threshold": "threshold", "start_percent": "start", "reuse": "reuse"}
 FORMAT = "cachekit-panel-run/1"
 
 

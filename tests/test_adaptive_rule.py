@@ -82,6 +82,17 @@ def test_never_more_than_max_skip_steps_skipped_in_a_row(cap):
     assert _longest_skip_run(decisions) == cap
 
 
+def test_a_longer_warm_up_computes_more_steps_first_then_the_rule_decides_as_before():
+    decisions, _ = _run(_from_diffs([0.5] * 20), delta=1.0, max_skip_steps=1)
+    assert _pattern(decisions) == "xxxx" + ".x" * 9
+    rule = AdaptiveSkipRule(AdaptiveConfig(1.0, 1, warmup_steps=7))
+    decisions = [rule.decide(x) for x in _from_diffs([0.5] * 20)]
+    assert _pattern(decisions) == "xxxxxxx" + ".x" * 7 + "."
+    for bad in (3, 0, 4.0, True):
+        with pytest.raises(ValueError, match="warmup_steps must be an integer >= 4"):
+            AdaptiveConfig(warmup_steps=bad)
+
+
 def test_official_cap_lets_the_first_run_of_skips_reach_five():
     # The official check needs more than 4 decisions: steps 4-8 skip (five in a row whatever
     # max_skip_steps is), step 9 runs, then the cap applies.

@@ -191,8 +191,26 @@ def test_the_bench_lists_every_baseline():
     cache_dit = [m for m in methods if m.origin == CACHE_DIT]
     assert {m.name for m in cache_dit} == {"DBCache", "DBCache+TaylorSeer"}
     assert all(m.unavailable == "" or "cache-dit" in m.unavailable for m in cache_dit)
-    assert {"FirstBlockCache", "PyramidAttentionBroadcast", "FasterCache", "TaylorSeer", "MagCache", "SeaCache"} <= \
-        {m.name for m in methods if m.origin == "diffusers"}
+    assert {"FirstBlockCache", "PyramidAttentionBroadcast", "FasterCache", "TaylorSeer", "TaylorSeer lite", "MagCache",
+            "SeaCache"} <= {m.name for m in methods if m.origin == "diffusers"}
+
+
+def test_taylorseer_lite_is_adaptive_diffusion_at_max_skip_1_with_forecast2():
+    # The strongest diffusers baseline at >= 1.5x does the same computation as CacheKit's
+    # AdaptiveDiffusion delta 1.0, max_skip 1, forecast2 (every other step after the warm-up
+    # skipped, the prediction extrapolated): the bench must show them level, not CacheKit ahead.
+    from cachekit.bench.methods import cachekit_method, diffusers_taylorseer_lite
+    base, labels, steps = load("dit"), torch.arange(2), 12
+    images = {}
+    for warmup in (4, 6):
+        for method in (cachekit_method("adaptive", delta=1.0, max_skip_steps=1, reuse="forecast2", warmup_steps=warmup),
+                       diffusers_taylorseer_lite(2, 2, warmup)):
+            images[method.origin, warmup] = harness._run(harness._install(method, base, steps), base, labels, steps,
+                                                         3.0, 0)
+        torch.testing.assert_close(images["CacheKit", warmup], images["diffusers", warmup], rtol=0, atol=1e-5)
+    reference = harness._run(None, base, labels, steps, 3.0, 0)
+    assert not torch.allclose(images["CacheKit", 4], reference, atol=1e-3)
+    assert not torch.allclose(images["CacheKit", 4], images["CacheKit", 6], atol=1e-3)
 
 
 def test_rows_can_be_chosen_by_method_and_setting_to_add_to_an_earlier_run():

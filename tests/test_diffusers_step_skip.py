@@ -157,3 +157,39 @@ def test_forecast_reuse_extrapolates_a_skipped_steps_prediction():
                 assert not torch.allclose(hold[k], exact[k].detach(), atol=1e-6)
     with pytest.raises(ValueError, match="reuse must be one of"):
         apply_adaptive_skip(td.unet(), reuse="taylor", num_inference_steps=4)
+
+
+class _QuadraticInStep(_LinearInStep):
+    """Output quadratic in the timestep."""
+
+    def forward(self, sample, timestep, **kwargs):
+        t = torch.as_tensor(timestep, dtype=sample.dtype).reshape(-1)[0]
+        return (torch.ones_like(sample) * self.scale * (t / 100) ** 2,)
+
+
+def test_max_skip_1_at_delta_1_skips_every_other_step_and_forecasts_it():
+    # The >= 1.5x setting of the benchmark (bench/results/quality_check.md): after the warm-up,
+    # skips alternate, so every skipped step lies one step past a computed one.
+    steps = 13
+    sched = td.scheduler(steps)
+    exact = [_QuadraticInStep()(torch.zeros(1, 4, 8, 8), t)[0].detach() for t in sched.timesteps]
+    outputs = {}
+    for reuse in ("forecast1", "forecast2"):
+        model = _QuadraticInStep()
+        handle = apply_adaptive_skip(model, delta=1.0, max_skip_steps=1, scheduler=td.scheduler(steps), reuse=reuse)
+        x, outs = torch.zeros(1, 4, 8, 8), []
+        with torch.no_grad():
+            for k, t in enumerate(sched.timesteps):
+                outs.append(model(x, t)[0])
+                x = x + (k + 1) ** 0.5 * 0.01 * torch.ones_like(x)
+        run = handle.finish_run()
+        handle.remove()
+        assert run.skipped_steps == [4, 6, 8, 10, 12]
+        outputs[reuse] = outs
+    for k in [4, 6, 8, 10, 12]:
+        # TaylorSeer's finite differences lag half a gap, so neither order is exact on a parabola,
+        # but order 2 removes the curvature term order 1 misses: its error is the smaller
+        errors = {r: float((outputs[r][k] - exact[k]).abs().max()) for r in outputs}
+        assert 0 < errors["forecast2"] < 0.8 * errors["forecast1"], (k, errors)
+    for k in set(range(steps)) - {4, 6, 8, 10, 12}:
+        assert torch.equal(outputs["forecast2"][k], exact[k])

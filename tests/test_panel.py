@@ -151,7 +151,8 @@ def test_step_ticks_are_round_numbers_spaced_for_their_labels():
 
 def test_only_the_chosen_methods_controls_are_shown_with_one_line_about_it():
     expected = {"DeepCache": {"interval", "branch", "reuse"}, "FORA": {"interval", "start_percent", "reuse"},
-                "AdaptiveDiffusion": {"delta", "reuse"}, "ChangeCache": {"threshold", "reuse"}, "Router": set()}
+                "AdaptiveDiffusion": {"delta", "max_skip_steps", "reuse"}, "ChangeCache": {"threshold", "reuse"},
+                "Router": set()}
     assert set(engine.SETTINGS) == set(expected) >= {m for ms in engine.METHODS.values() for m in ms}
     for method, wanted in expected.items():
         info, *updates = panel_app._controls_for(method)
@@ -195,7 +196,8 @@ def test_the_run_record_is_plain_json_even_for_identical_images():
     result.psnr_db = float("inf")
     record = report.run_record(request, result)
     text = json.dumps(record, allow_nan=False)          # would raise on Infinity / NaN
-    assert json.loads(text)["psnr_db"] is None and record["settings"] == {"delta": 0.0, "reuse": "hold"}
+    assert json.loads(text)["psnr_db"] is None and record["settings"] == {"delta": 0.0, "max_skip_steps": 4,
+                                                                                    "reuse": "hold"}
     assert record["timing"]["speedup_per_round"] == pytest.approx([1.0 / 0.9, 1.2])
     assert "identical" in report.run_summary(request, result)
 
@@ -221,6 +223,14 @@ def test_adaptive_step_skipping_runs_in_the_panel_engine():
     assert t["method"] == "AdaptiveDiffusion" and t["skipped_steps"]
     assert t["hit_rate"] == pytest.approx(len(t["skipped_steps"]) / 12)
     assert 12 < result.psnr_db < float("inf")       # 7 of 12 steps skipped: visibly close, not equal
+    # max_skip 1 at delta 1.0: after the 4 warm-up steps every other step skips, forecast from
+    # its computed neighbours
+    request = engine.Request("dit", "AdaptiveDiffusion", class_name="circle", steps=12, images=1, delta=1.0,
+                             max_skip_steps=1, reuse="forecast2")
+    assert engine.method_settings(request) == {"delta": 1.0, "max_skip_steps": 1, "reuse": "forecast2"}
+    assert engine.run(request, progress=False).telemetry["skipped_steps"] == [4, 6, 8, 10]
+    with pytest.raises(ValueError, match="max_skip_steps must be a whole number from 1 to 100"):
+        engine.run(engine.Request("unet", "AdaptiveDiffusion", max_skip_steps=0))
 
 
 def test_fora_in_the_panel_engine_computes_the_first_share_of_steps_in_full():

@@ -281,15 +281,21 @@ def test_the_chosen_settings_can_be_used_in_the_main_controls():
     model, method, *controls = updates
     assert model["value"] == "dit" and method["value"] == "FORA" and "FORA" in method["choices"]
     values = {name: u.get("value") for name, u in zip(panel_app.CONTROLS, controls)}
-    assert values == {"interval": 2, "branch": None, "delta": None, "threshold": None, "start_percent": 0.0,
-                      "reuse": "hold"}
+    assert values == {"interval": 2, "branch": None, "delta": None, "max_skip_steps": None, "threshold": None,
+                      "start_percent": 0.0, "reuse": "hold"}
     assert steps["value"] == 10 and "Set **FORA** on the Tiny DiT: interval 2, start 0% of steps" in note
     adaptive = _record([Trial({"delta": 0.1, "max_skip_steps": 2}, 33.0, 1.4, 0.7, 1.6)], value=30.0,
                        method="AdaptiveDiffusion", model="unet")
     *updates, steps, note = panel_app.apply_autotune(adaptive)
     assert updates[0]["value"] == "unet" and updates[1]["value"] == "AdaptiveDiffusion"
     assert updates[2 + panel_app.CONTROLS.index("delta")]["value"] == 0.1
-    assert "No control here for max_skip_steps=2" in note
+    assert updates[2 + panel_app.CONTROLS.index("max_skip_steps")]["value"] == 2
+    assert "max skip 2" in note and "No control here" not in note
+    # a setting the panel has no control for is named, and left to the method's default
+    official = _record([Trial({"delta": 0.1, "max_skip_steps": 2, "official_cap": True}, 33.0, 1.4, 0.7, 1.6)],
+                       value=30.0, method="AdaptiveDiffusion", model="unet")
+    *_, note = panel_app.apply_autotune(official)
+    assert "No control here for official_cap=True" in note
     with pytest.raises(gr.Error, match="nothing to use"):
         panel_app.apply_autotune(_record([Trial({"interval": 2, "start_percent": 0.0}, 15.0, 0.9, 1.1, 1.5)],
                                          value=30.0))

@@ -113,10 +113,11 @@ def test_the_panel_lists_exactly_the_registered_methods_with_their_words():
         assert engine.DESCRIPTIONS[spec.name] == spec.summary
         for kind in engine.MODELS:
             assert (spec.name in engine.METHODS[kind]) == spec.fits_model(kind)
-    # The panel keeps the controls it always had.
+    # The panel keeps the controls it always had (AdaptiveDiffusion gained max_skip_steps).
     assert dict(engine.SETTINGS) == {"DeepCache": ("interval", "branch", "reuse"),
                                      "FORA": ("interval", "start_percent", "reuse"),
-                                     "AdaptiveDiffusion": ("delta", "reuse"), "ChangeCache": ("threshold", "reuse"),
+                                     "AdaptiveDiffusion": ("delta", "max_skip_steps", "reuse"),
+                                     "ChangeCache": ("threshold", "reuse"),
                                      "Router": ()}
     assert engine.method_settings(engine.Request("unet", "DeepCache", interval=4, branch=1)) == \
         {"cache_interval": 4, "cache_branch": 1, "reuse": "hold"}
