@@ -154,6 +154,18 @@ def test_never_more_than_max_skip_steps_skipped_in_a_row(comfy, cap):
     assert _longest_run(run.skipped_steps) == cap, run.skipped_steps
 
 
+def test_a_longer_warm_up_then_every_other_step_skipped(comfy):
+    # The bench's most accurate setting up to 1.8x: max_skip 1, forecast2, delta 1.0, 6 warm-up steps.
+    settings = {"delta": 1.0, "max_skip_steps": 1, "reuse": "forecast2", "warmup_steps": 6}
+    out = _sample(comfy, "sd15", "ad-warmup-6", ("CacheKitAdaptiveSkip", settings), steps=STEPS, cfg=2.0)
+    run = comfy.pack("nodes.history").last()
+    assert run.skipped_steps == [6, 8, 10] and torch.isfinite(out).all()
+    node = comfy.pack("nodes.method_nodes").CacheKitAdaptiveSkip
+    from .comfy_graph import tiny
+    with pytest.raises(ValueError, match="warmup_steps must be an integer >= 4"):
+        node.execute(tiny("sd15").patcher, 1.0, 1, reuse="forecast2", warmup_steps=3)
+
+
 def test_forecast_reuse_extrapolates_the_noise_from_the_last_two_computed_steps(comfy, monkeypatch):
     settings = {**SKIPPY, "reuse": "forecast1"}
     config = comfy.pack("core.methods.adaptive").AdaptiveConfig(**settings)
