@@ -261,20 +261,37 @@ def _diffusers_hook(name: str, setting: str, models: tuple[str, ...], build: Cal
         build(d.network, clock, steps)
         wrap = None
         if needs_context:
-            from diffusers.hooks.hooks import CacheContext, _set_cache_context
-            net = d.network
-
-            def wrap(call):
-                # What CacheMixin.cache_context does (our tiny models are not CacheMixin), with the
-                # scheduler coordinates a pipeline passes (SeaCache needs them).
-                _set_cache_context(net, CacheContext("cond_uncond", step_index=clock.index, num_inference_steps=steps,
-                                                     timestep=clock.value, sigma=clock.sigma))
-                try:
-                    return call()
-                finally:
-                    _set_cache_context(net, None)
+            wrap = _cache_context(d.network, clock, steps)
         return Setup(d, on_step=clock.update, wrap_call=wrap)
     return Method(name, setting, DIFFUSERS, models, install, unavailable=unavailable)
+
+
+def _cache_context(net, clock: _Timestep, steps: int) -> Callable:
+    """What CacheMixin.cache_context does around each model call (our tiny models are not
+    CacheMixin): diffusers 0.42+ with the scheduler coordinates a pipeline passes (SeaCache needs
+    them); before 0.42 the registry's named context (the ComfyUI test environment has 0.39)."""
+    try:
+        from diffusers.hooks.hooks import CacheContext, _set_cache_context
+    except ImportError:
+        from diffusers.hooks import HookRegistry
+        registry = HookRegistry.check_if_exists_or_initialize(net)
+
+        def wrap(call):
+            registry._set_context("cond_uncond")
+            try:
+                return call()
+            finally:
+                registry._set_context(None)
+        return wrap
+
+    def wrap(call):
+        _set_cache_context(net, CacheContext("cond_uncond", step_index=clock.index, num_inference_steps=steps,
+                                             timestep=clock.value, sigma=clock.sigma))
+        try:
+            return call()
+        finally:
+            _set_cache_context(net, None)
+    return wrap
 
 
 def diffusers_fbc(threshold: float) -> Method:
