@@ -131,7 +131,7 @@ def adaptive(name):
            "delta 0.01 is the official default: raise it to skip more, 0 never skips. max_skip_steps caps "
            "skips in a row. The first 4 steps always run. It pays off most with many steps (here 50).\n\n"
            "For accuracy at up to 1.8x: max_skip_steps 1, reuse forecast2, delta 1.0 (every other step skips and "
-           "its prediction is extrapolated from the computed ones; on the bundled tiny DiT 40 dB at 1.7x).\n\n"
+           "its prediction is extrapolated from the computed ones; on the bundled tiny DiT 39 dB at 1.7x).\n\n"
            "Cache Stats shows which steps were skipped (orange in the sidebar tab).", pos=(0, 420))
     w.save(name)
 
