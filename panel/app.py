@@ -17,7 +17,7 @@ from ..tinymodels.shapes import CLASSES
 from ..core.heatmap import block_heatmap
 from . import charts, comfy_client, engine, pictures, report, tuning
 
-CONTROLS = ("interval", "branch", "delta", "max_skip_steps", "threshold", "start_percent", "reuse")   # method sliders, in the order of build()
+CONTROLS = engine.CONTROLS     # the method sliders; build() creates them in this order
 # The charts carry their own titles (charts.py): gradio's label would sit on top of the picture.
 CHART = dict(type="numpy", format="png", interactive=False, show_label=False, buttons=["download", "fullscreen"])
 # The default value of each autotune target (switching the target resets the value to it).
