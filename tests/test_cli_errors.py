@@ -87,6 +87,11 @@ def cases(f: dict[str, Path]) -> list[tuple[str, list[str], tuple[str, ...]]]:
         # scan_forecast_corrections
         ("scan_forecast_corrections", ["--intervals", "1"], ("--intervals", "at least 2")),
         ("scan_forecast_corrections", ["--fewer-steps", "30"], ("--fewer-steps must be below 25",)),
+        # scan_learned_forecast
+        ("scan_learned_forecast", ["--intervals", "1"], ("--intervals", "at least 2")),
+        ("scan_learned_forecast", ["--intervals", "30"], ("--intervals must be at most 21",)),
+        ("scan_learned_forecast", ["--lr", "2"], ("--lr must be between 0 and 1",)),
+        ("scan_learned_forecast", ["--model", "vae"], ("--model", "invalid choice")),
         # convert_dydit
         ("convert_dydit", [str(d / "missing.pt"), str(d / "o")], ("checkpoint not found",)),
         ("convert_dydit", [str(f["text.pt"]), str(d / "o")], ("text.pt", "text file")),

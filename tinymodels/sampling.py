@@ -18,16 +18,18 @@ def make_scheduler(steps: int) -> DDIMScheduler:
 
 
 def sample(denoiser: Denoiser, labels: torch.Tensor, *, steps: int = 50, cfg: float = 3.0, seed: int = 0,
-           scheduler: DDIMScheduler | None = None, progress: bool = False, on_step=None) -> torch.Tensor:
+           scheduler: DDIMScheduler | None = None, progress: bool = False, on_step=None,
+           grad: bool = False) -> torch.Tensor:
     """Images [B, 3, 32, 32] in [-1, 1]. One model call per step (uncond and cond batched).
 
     on_step(i, t) runs before step i's model call (peers that need the current timestep).
+    grad=True keeps the graph (training something that acts during sampling end to end).
     """
     scheduler = scheduler or make_scheduler(steps)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(labels.shape[0], 3, SIZE, SIZE, generator=g)
     both = torch.cat([torch.full_like(labels, NULL_CLASS), labels])
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         for i, t in enumerate(tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False)):
             if on_step is not None:
                 on_step(i, t)
