@@ -58,7 +58,7 @@ from ..core.routers import Router, load_any
 from ..tinymodels.shapes import NUM_CLASSES
 from .cli import existing_file, float_in, int_at_least, run_cli
 from .methods import (CACHEKIT, Method, Setup, all_methods, cachekit_router, calibrate_magcache, default_fewer_steps,
-                      diffusers_magcache, dydit_methods)
+                      diffusers_magcache, dydit_methods, learned_forecast_methods)
 from .plot import scatter
 
 TOLERANCE = 0.05           # passes agree when max / min - 1 <= this
@@ -450,7 +450,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--fewer-steps: {too_many[0]} is not fewer than --steps ({args.steps})")
     routers = [(load_any(path), threshold) for path, threshold in args.router]
     router_methods = [cachekit_router(router, threshold) for router, threshold in routers]
-    everything = all_methods(magcache_ratios={}, fewer=fewer) + dydit_methods() + router_methods
+    everything = (all_methods(magcache_ratios={}, fewer=fewer) + dydit_methods() + learned_forecast_methods(args.steps)
+                  + router_methods)
     known = sorted({m.name for m in everything})
     unknown = sorted(set(args.only or ()) - set(known))
     if unknown:

@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from ..core.quality import psnr
-from ..core.reuse import Forecast
+from ..core.learned_forecast import LearnedForecast, save_learned_forecast
 from ..tinymodels.bundled import KINDS, load, load_classifier
 from ..tinymodels.sampling import make_scheduler, sample
 from ..tinymodels.shapes import NUM_CLASSES
@@ -49,32 +49,27 @@ def skip_pattern(interval: int, steps: int = STEPS, warmup: int = WARMUP) -> str
 
 
 class ForecastSkipper:
-    """Wraps a denoiser: computes on 'F' steps, forecasts on 'S' steps (Taylor + learned D)."""
+    """Wraps a denoiser: computes on 'F' steps and forecasts on 'S' steps with a LearnedForecast whose
+    corrections are a trainable tensor (the same code the diffusers API runs from a saved file)."""
 
-    def __init__(self, denoiser, pattern: str, history: int = 3, use_latent: bool = True, channels: int = 3):
-        self.denoiser, self.pattern, self.history, self.use_latent = denoiser, pattern, history, use_latent
-        skips = pattern.count("S")
-        self.corrections = torch.zeros(skips, history + int(use_latent), channels, requires_grad=True)
-        self._slot = {s: i for i, s in enumerate(i for i, c in enumerate(pattern) if c == "S")}
-        self._taylor = Forecast(2)
+    def __init__(self, denoiser, pattern: str, history: int = 3, use_latent: bool = True, channels: int = 3,
+                 model: str = ""):
+        self.denoiser, self.pattern = denoiser, pattern
+        self.corrections = torch.zeros(pattern.count("S"), history + int(use_latent), channels, requires_grad=True)
+        self.forecast = LearnedForecast(pattern, self.corrections, history, use_latent, model,
+                                        source="bench/learned_forecast.py")
         self.reset()
 
     def reset(self) -> None:
-        self._step, self._entry, self._computed = 0, None, []
+        self._step, self._entry = 0, None
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         step, self._step = self._step, self._step + 1
         if self.pattern[step] == "F":
             out = self.denoiser(x, t, labels)
-            self._entry = self._taylor.refresh(self._entry, out, step)
-            self._computed.append(out)
+            self._entry = self.forecast.refresh(self._entry, out, step)
             return out
-        # One tensor per regressor, most recent first; a short history repeats its oldest value.
-        recent = self._computed[-self.history:][::-1]
-        regressors = recent + [recent[-1]] * (self.history - len(recent)) + ([x] if self.use_latent else [])
-        weights = self.corrections[self._slot[step]]                       # [regressors, channels]
-        correction = sum(w[None, :, None, None] * r for w, r in zip(weights, regressors))
-        return self._taylor.output(self._entry, step) + correction
+        return self.forecast.output(self._entry, step, latent=x)
 
 
 def _batches(images: int, first_seed: int) -> list[tuple[torch.Tensor, int]]:
@@ -108,7 +103,7 @@ def train(skipper: ForecastSkipper, batches, references: list[torch.Tensor], ite
 
 
 def scan(kind: str, intervals: list[int], calib_images: int, images: int, iters: int, lr: float,
-         history: int, use_latent: bool) -> list[dict]:
+         history: int, use_latent: bool, save_dir: Path | None = None) -> list[dict]:
     base, classifier = load(kind), load_classifier()
     for p in base.model.parameters():
         p.requires_grad_(False)
@@ -127,7 +122,7 @@ def scan(kind: str, intervals: list[int], calib_images: int, images: int, iters:
     rows = []
     for interval in intervals:
         pattern = skip_pattern(interval)
-        skipper = ForecastSkipper(base, pattern, history, use_latent, channels)
+        skipper = ForecastSkipper(base, pattern, history, use_latent, channels, model=f"bundled {kind}")
         with torch.no_grad():
             taylor = scored(_sample_all(skipper, evaluation))
         started = time.time()
@@ -139,6 +134,9 @@ def scan(kind: str, intervals: list[int], calib_images: int, images: int, iters:
                      "reference_accuracy": scored(reference)["accuracy"],
                      "train_s": round(time.time() - started), "first_loss": losses[0], "last_loss": losses[-1],
                      "corrections": skipper.corrections.detach().tolist()})
+        if save_dir is not None:
+            file = save_dir / f"{kind}_forecast_n{interval}_{STEPS}.safetensors"
+            rows[-1]["file"] = str(save_learned_forecast(skipper.forecast, file))
         print({k: v for k, v in rows[-1].items() if k != "corrections"}, flush=True)
     return rows
 
@@ -169,6 +167,9 @@ def main(argv=None):
     parser.add_argument("--history", type=int_at_least(1), default=3, help="computed predictions per correction")
     parser.add_argument("--no-latent", action="store_true", help="do not use the step's latent as a regressor")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--save-dir", type=Path, default=None,
+                        help="also save each trained forecast as <model>_forecast_n<N>_<steps>.safetensors here "
+                             "(the file cachekit.apply_adaptive_skip(..., learned_forecast=) loads)")
     args = parser.parse_args(argv)
     if not 0 < args.lr < 1:
         parser.error(f"--lr must be between 0 and 1, got {args.lr}")
@@ -176,7 +177,7 @@ def main(argv=None):
         parser.error(f"--intervals must be at most {STEPS - WARMUP} ({STEPS} steps, {WARMUP} warm-up)")
     started = time.time()
     rows = scan(args.model, args.intervals, args.calib_images, args.images, args.iters, args.lr, args.history,
-                not args.no_latent)
+                not args.no_latent, args.save_dir)
     command = "python scripts/scan_learned_forecast.py " + " ".join(argv if argv is not None else sys.argv[1:])
     setup = (f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {(time.time() - started) / 60:.1f} min; "
              f"DDIM {STEPS} steps, CFG {CFG}; corrections trained on {args.calib_images} images (seeds from "

@@ -183,6 +183,36 @@ def cachekit_dydit(partner: str | None = None, width_start: float = 0.0, **setti
                   unavailable=_dydit_missing())
 
 
+BUNDLED_FORECAST = Path(__file__).resolve().parents[1] / "tinymodels" / "weights" / "dit_forecast_n2_25.safetensors"
+
+
+def cachekit_learned_forecast(path: Path = BUNDLED_FORECAST) -> Method:
+    """AdaptiveDiffusion every other step (delta 1.0, max_skip 1) with corrections trained for the
+    bundled DiT on top of forecast2 (core/learned_forecast.py; made by scripts/scan_learned_forecast.py
+    --save-dir). Read now, so a bad file fails before any run."""
+    from ..core.learned_forecast import load_learned_forecast
+    from ..diffusers_host.step_skip import apply_adaptive_skip
+    forecast = load_learned_forecast(path)
+    warmup = forecast.schedule.index("S")
+
+    def install(denoiser, scheduler, steps):
+        d = _copy(denoiser)
+        handle = apply_adaptive_skip(d.network, delta=1.0, max_skip_steps=1, reuse="forecast2", warmup_steps=warmup,
+                                     scheduler=scheduler, learned_forecast=forecast)
+        return Setup(d, finish=handle.finish_run)
+    return Method("AdaptiveDiffusion", f"delta=1.0 max_skip=1 reuse=forecast2 learned={Path(path).stem}", CACHEKIT,
+                  ("dit",), install, "adaptive", {"delta": 1.0, "max_skip_steps": 1, "reuse": "forecast2"})
+
+
+def learned_forecast_methods(steps: int) -> list[Method]:
+    """The bundled learned forecast's row (not a registry setting: it needs its file), for runs with
+    the step count it was trained for."""
+    from ..core.learned_forecast import load_learned_forecast
+    if not BUNDLED_FORECAST.is_file() or load_learned_forecast(BUNDLED_FORECAST).num_steps != steps:
+        return []
+    return [cachekit_learned_forecast()]
+
+
 def dydit_methods() -> list[Method]:
     """The bundled DyDiT's rows (scripts/bench_peers.py adds them to all_methods' rows: they are not
     registered methods, so the registry's row checks do not cover them)."""

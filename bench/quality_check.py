@@ -40,7 +40,7 @@ from ..tinymodels.shapes import NUM_CLASSES
 from . import frontier
 from .cli import existing_file, int_at_least, run_cli
 from .harness import _flops, _install, _round, _run, calibrated_magcache
-from .methods import FEWER_STEPS, Method, all_methods, dydit_methods, fewer_steps
+from .methods import FEWER_STEPS, Method, all_methods, dydit_methods, fewer_steps, learned_forecast_methods
 
 UNIT_METHODS = {"dit": "FORA", "unet": "DeepCache"}     # the "each unit method with forecasting"
 CONTENDERS = 3             # rows per side and band re-scored
@@ -91,9 +91,10 @@ def contenders(rows: list[dict], model: str, band: float, side, k: int = CONTEND
     return sorted(fast, key=lambda r: (-r["psnr_db"], -frontier.band_speed(r)))[:k]
 
 
-def _methods_for(kind: str, rows: list[dict], magcache_ratios: dict | None) -> dict[tuple, Method]:
+def _methods_for(kind: str, rows: list[dict], magcache_ratios: dict | None, steps: int) -> dict[tuple, Method]:
     fewer = sorted({r["settings"]["steps"] for r in rows if r["origin"] == FEWER_STEPS})
     known = all_methods(magcache_ratios=magcache_ratios or {}, fewer=[]) + dydit_methods()
+    known += learned_forecast_methods(steps)
     known += [fewer_steps(k) for k in fewer]
     return {(m.origin, m.name, m.setting): m for m in known if kind in m.models}
 
@@ -130,7 +131,7 @@ def score(kind: str, rows: list[dict], *, steps: int, images: int, cfg: float, s
     if any(r["method"] == "MagCache" for r in rows):
         bench_labels, bench_seed = chunks[0]          # calibrated on the bench's own images
         ratios = calibrated_magcache(base, bench_labels, steps, cfg, bench_seed)
-    methods = _methods_for(kind, rows, ratios)
+    methods = _methods_for(kind, rows, ratios, steps)
     missing = [" ".join(_ident(r)) for r in rows if _ident(r) not in methods]
     if missing:
         raise ValueError(f"cannot rebuild {', '.join(missing)} on the {kind} (a learned router or a peer this "

@@ -387,7 +387,9 @@ class CacheSession:
         if not self._call_compute:
             entry = self._call_store.get(key)
             if entry is not None:
-                out = decode(self.reuse.output(entry, step))
+                # A learned forecast also reads the step's latent (core/learned_forecast.py).
+                latent = {"latent": probe} if getattr(self.reuse, "needs_latent", False) else {}
+                out = decode(self.reuse.output(entry, step, **latent))
                 if out is not None:
                     self.telemetry.reused[step][0] += call.samples
                     self.telemetry.note_skipped(step)

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from ..core.learned_forecast import LearnedForecast, load_learned_forecast
 from ..core.lifecycle import RunLifecycle
 from ..core.methods.adaptive import AdaptiveConfig, AdaptivePolicy
 from ..core.session import CacheSession
@@ -90,16 +91,22 @@ class StepSkipHandle(RunRecorder):
 
 def apply_adaptive_skip(target: Any, *, delta: float = 0.01, max_skip_steps: int = 4, scheduler: Any = None,
                         num_inference_steps: int | None = None, official_cap: bool = False,
-                        reuse: str = "hold", warmup_steps: int = 4) -> StepSkipHandle:
+                        reuse: str = "hold", warmup_steps: int = 4,
+                        learned_forecast: Any = None) -> StepSkipHandle:
     """AdaptiveDiffusion step skipping on any diffusers denoiser (U-Net or transformer).
 
     At most `max_skip_steps` steps are skipped in a row; `official_cap=True` applies the official
     code's cap instead, whose first run of skips after the warm-up may be 5 long. `reuse`: what a
     skipped step returns, "hold" (the previous output, as published) or "forecast1"/"forecast2"
     (extrapolated from the last computed steps). `warmup_steps`: steps that always run first (4, the
-    official, or more)."""
+    official, or more). `learned_forecast`: a file (or LearnedForecast) of corrections trained for this
+    model on top of reuse="forecast2" (core/learned_forecast.py); with delta 1.0 and max_skip_steps 1
+    the skips follow the every-other-step schedule such files are trained on."""
     model, scheduler = _resolve(target, scheduler)
     if getattr(model, STEP_SKIP_ATTR, None) is not None:
         raise ValueError("This model already has adaptive step skipping; call remove() on its handle first.")
     config = AdaptiveConfig(delta, max_skip_steps, official_cap, reuse, warmup_steps)
-    return StepSkipHandle(model, config, scheduler, num_inference_steps)
+    if learned_forecast is not None and not isinstance(learned_forecast, LearnedForecast):
+        learned_forecast = load_learned_forecast(learned_forecast)
+    policy = AdaptivePolicy(config, learned=learned_forecast)
+    return StepSkipHandle(model, config, scheduler, num_inference_steps, policy=policy)

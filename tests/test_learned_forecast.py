@@ -1,12 +1,19 @@
-"""The learned-forecast scan (bench/learned_forecast.py): untrained it is exactly the baseline it is
-measured against (diffusers TaylorSeer lite, and AdaptiveDiffusion at N=2), and training moves it."""
+"""The learned forecast (core/learned_forecast.py) and its scan (bench/learned_forecast.py): untrained it
+is exactly the baseline it is measured against (diffusers TaylorSeer lite, and AdaptiveDiffusion at
+N=2), training moves it, a saved file gives the trained images through cachekit.apply_adaptive_skip,
+and bad files or settings are refused with the fix."""
+import pytest
 import torch
 
 from cachekit.bench import harness
 from cachekit.bench.learned_forecast import ForecastSkipper, _batches, skip_pattern, train
-from cachekit.bench.methods import cachekit_method, diffusers_taylorseer_lite
+from cachekit.bench.methods import BUNDLED_FORECAST, _copy, cachekit_method, diffusers_taylorseer_lite
+from cachekit.core.learned_forecast import LearnedForecast, load_learned_forecast, save_learned_forecast
+from cachekit.core.quality import psnr
+from cachekit.diffusers_host.step_skip import apply_adaptive_skip
 from cachekit.tinymodels.bundled import load
 from cachekit.tinymodels.sampling import make_scheduler, sample
+from cachekit.tinymodels.shapes import NUM_CLASSES
 
 STEPS = 12
 
@@ -47,3 +54,74 @@ def test_training_lowers_the_calibration_error_and_only_moves_the_corrections():
     assert min(losses[1:]) < losses[0]
     assert skipper.corrections.abs().sum() > 0
     assert all(torch.equal(weights[k], v) for k, v in base.model.state_dict().items())
+
+
+
+# -- the product path: a saved forecast through cachekit.apply_adaptive_skip --
+
+def _adaptive_images(base, labels, steps, **kwargs):
+    d, scheduler = _copy(base), make_scheduler(steps)
+    handle = apply_adaptive_skip(d.network, delta=1.0, max_skip_steps=1, reuse="forecast2", scheduler=scheduler,
+                                 **kwargs)
+    try:
+        return sample(d, labels, steps=steps, cfg=3.0, seed=0, scheduler=scheduler), handle.finish_run()
+    finally:
+        handle.remove()
+
+
+def test_a_saved_forecast_gives_the_trained_images_through_the_diffusers_api(tmp_path):
+    base, labels = load("dit"), torch.arange(2)
+    skipper = ForecastSkipper(base, skip_pattern(2, steps=STEPS), model="bundled dit")
+    with torch.no_grad():
+        skipper.corrections.normal_(0, 0.02)        # stands in for training: any corrections
+        trained = sample(skipper, labels, steps=STEPS, cfg=3.0, seed=0, scheduler=make_scheduler(STEPS))
+    path = save_learned_forecast(skipper.forecast, tmp_path / "f.safetensors")
+    ours, telemetry = _adaptive_images(base, labels, STEPS, learned_forecast=path)
+    torch.testing.assert_close(ours, trained, rtol=0, atol=1e-5)
+    plain, _ = _adaptive_images(base, labels, STEPS)
+    assert (ours - plain).abs().max() > 1e-3                     # the corrections acted
+    assert telemetry.hit_rate == pytest.approx(skip_pattern(2, steps=STEPS).count("S") / STEPS)
+
+
+def test_corrections_act_only_where_the_computed_steps_are_the_trained_schedule():
+    forecast = LearnedForecast("FFS", torch.ones(1, 2, 1), history=1, uses_latent=True)
+    entry = None
+    for step, value in ((0, 1.0), (1, 2.0)):
+        entry = forecast.refresh(entry, torch.full((1, 1, 2, 2), value), step)
+    latent = torch.full((1, 1, 2, 2), 10.0)
+    # Taylor from [1, 2] gives 3; plus 1 * (last computed, 2) + 1 * latent 10.
+    assert torch.equal(forecast.output(entry, 2, latent=latent), torch.full((1, 1, 2, 2), 15.0))
+    other = forecast.refresh(None, torch.full((1, 1, 2, 2), 2.0), 1)      # step 0 was not computed
+    assert torch.equal(forecast.output(other, 2, latent=latent), torch.full((1, 1, 2, 2), 2.0))
+
+
+def test_bad_forecast_files_and_settings_are_refused_with_the_fix(tmp_path):
+    from safetensors.torch import save_file
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_learned_forecast(tmp_path / "missing.safetensors")
+    save_file({"logits": torch.zeros(2, 2)}, str(tmp_path / "router.safetensors"), metadata={"format": "x"})
+    with pytest.raises(ValueError, match="not a CacheKit learned forecast"):
+        load_learned_forecast(tmp_path / "router.safetensors")
+    (tmp_path / "text.safetensors").write_text("hello")
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        load_learned_forecast(tmp_path / "text.safetensors")
+    with pytest.raises(ValueError, match="schedule"):
+        LearnedForecast("SFF", torch.zeros(1, 4, 3))
+    with pytest.raises(ValueError, match="shaped"):
+        LearnedForecast("FFS", torch.zeros(2, 4, 3))
+    path = save_learned_forecast(LearnedForecast("F" * 4 + "SF" * 4, torch.zeros(4, 4, 3)), tmp_path / "f.safetensors")
+    base = load("dit")
+    with pytest.raises(ValueError, match="corrects reuse='forecast2'"):
+        apply_adaptive_skip(_copy(base).network, reuse="hold", learned_forecast=path)
+    with pytest.raises(ValueError, match="trained for 12 steps; the run has 8"):
+        _adaptive_images(base, torch.arange(1), 8, learned_forecast=path)
+
+
+def test_the_bundled_dit_forecast_beats_the_taylor_rule_on_the_bench_images():
+    forecast = load_learned_forecast(BUNDLED_FORECAST)
+    assert forecast.schedule == skip_pattern(2) and forecast.corrections.abs().sum() > 0
+    base, labels = load("dit"), torch.arange(12) % NUM_CLASSES
+    reference = sample(base, labels, steps=25, cfg=3.0, seed=0, scheduler=make_scheduler(25))
+    learned, _ = _adaptive_images(base, labels, 25, learned_forecast=BUNDLED_FORECAST)
+    taylor, _ = _adaptive_images(base, labels, 25)
+    assert psnr(reference, learned) > psnr(reference, taylor) + 0.5

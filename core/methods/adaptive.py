@@ -29,7 +29,7 @@ so its decision for step k uses exactly the latents the official code has at tha
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -129,12 +129,22 @@ class AdaptivePolicy:
     # (ancestral, SDE) defeats it, so with one it skips nothing (core/guards.py).
     needs_deterministic_sampler: ClassVar[bool] = True
 
+    # Corrections trained for this model on top of forecast2 (core/learned_forecast.py), or None.
+    learned: Any = None
+
+    def __post_init__(self) -> None:
+        if self.learned is not None and self.config.reuse != "forecast2":
+            raise ValueError(f"a learned forecast corrects reuse='forecast2'; got reuse={self.config.reuse!r}. "
+                             "Set reuse='forecast2' or leave the learned forecast out.")
+
     @property
     def reuse(self):
         """How a skipped step's prediction is made from the computed ones (core/reuse.py)."""
-        return strategy_from_name(self.config.reuse)
+        return self.learned if self.learned is not None else strategy_from_name(self.config.reuse)
 
     def start(self, units, num_steps: int, window: range) -> AdaptiveSkipRule:
+        if self.learned is not None:
+            self.learned.check_steps(num_steps)
         return AdaptiveSkipRule(self.config)
 
     def measure(self, rule: AdaptiveSkipRule, step: int, latent: torch.Tensor) -> torch.Tensor | None:
