@@ -27,6 +27,7 @@ from typing import Any, Callable, Mapping
 from ..core.methods import registry
 from ..diffusers_host import registry as host
 from ..tinymodels.architectures import Denoiser
+from ..tinymodels.bundled import DIT_FORECAST
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHEKIT = "CacheKit"
@@ -183,7 +184,7 @@ def cachekit_dydit(partner: str | None = None, width_start: float = 0.0, **setti
                   unavailable=_dydit_missing())
 
 
-BUNDLED_FORECAST = Path(__file__).resolve().parents[1] / "tinymodels" / "weights" / "dit_forecast_n2_25.safetensors"
+BUNDLED_FORECAST = DIT_FORECAST
 
 
 def cachekit_learned_forecast(path: Path = BUNDLED_FORECAST) -> Method:
@@ -204,13 +205,31 @@ def cachekit_learned_forecast(path: Path = BUNDLED_FORECAST) -> Method:
                   ("dit",), install, "adaptive", {"delta": 1.0, "max_skip_steps": 1, "reuse": "forecast2"})
 
 
-def learned_forecast_methods(steps: int) -> list[Method]:
-    """The bundled learned forecast's row (not a registry setting: it needs its file), for runs with
-    the step count it was trained for."""
+def cachekit_learned_schedule(path: Path) -> Method:
+    """A learned forecast file's own fixed schedule (cachekit.apply_learned_forecast), e.g. TaylorSeer
+    lite's one step in 3 after the warm-up, which AdaptiveDiffusion's decisions do not reproduce."""
     from ..core.learned_forecast import load_learned_forecast
-    if not BUNDLED_FORECAST.is_file() or load_learned_forecast(BUNDLED_FORECAST).num_steps != steps:
-        return []
-    return [cachekit_learned_forecast()]
+    from ..diffusers_host.step_skip import apply_learned_forecast
+    forecast = load_learned_forecast(path)
+
+    def install(denoiser, scheduler, steps):
+        d = _copy(denoiser)
+        return Setup(d, finish=apply_learned_forecast(d.network, forecast, scheduler=scheduler).finish_run)
+    return Method("Learned forecast", f"file={Path(path).stem}", CACHEKIT, ("dit",), install, "learned_forecast",
+                  {"file": Path(path).name})
+
+
+def learned_forecast_methods(steps: int) -> list[Method]:
+    """Rows of the bundled learned forecasts trained for `steps` steps (not registry settings: they
+    need their files): every other step through AdaptiveDiffusion, other schedules as trained."""
+    from ..core.learned_forecast import load_learned_forecast
+    files = sorted(DIT_FORECAST.parent.glob(f"dit_forecast_n*_{steps}.safetensors"))
+    rows = []
+    for path in files:
+        if load_learned_forecast(path).num_steps != steps:
+            continue
+        rows.append(cachekit_learned_forecast(path) if path == DIT_FORECAST else cachekit_learned_schedule(path))
+    return rows
 
 
 def dydit_methods() -> list[Method]:

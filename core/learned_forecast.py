@@ -137,3 +137,33 @@ def load_learned_forecast(path: str | Path) -> LearnedForecast:
                                meta.get("model", ""), meta.get("source", ""))
     except (KeyError, ValueError) as error:
         raise ValueError(f"{path.name}: learned forecast metadata is incomplete or malformed ({error})") from error
+
+
+@dataclass(frozen=True, eq=False)
+class LearnedSchedule:
+    """A call-level policy: skip exactly the steps the learned forecast's schedule skips (as trained)
+    and forecast them with its corrections. The schedule is fixed, the same on every batch."""
+    forecast: LearnedForecast
+    name: str = "Learned forecast"
+    level: str = "call"
+    online: bool = True
+    probe_label: str = ""
+    # The corrections were trained on a deterministic sampler's trajectories; a sampler that injects
+    # noise every step stops the skipping (core/guards.py), as for AdaptiveDiffusion.
+    needs_deterministic_sampler: ClassVar[bool] = True
+
+    @property
+    def reuse(self) -> LearnedForecast:
+        return self.forecast
+
+    def start(self, units, num_steps: int, window: range) -> None:
+        self.forecast.check_steps(num_steps)
+
+    def measure(self, state, step: int, probe: torch.Tensor) -> None:
+        return None
+
+    def decide(self, state, step: int, agreed) -> bool:
+        return self.forecast.schedule[step] == "F"
+
+    def score(self, state, step: int) -> None:
+        return None

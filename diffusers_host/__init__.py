@@ -9,9 +9,9 @@ from .autotune import autotune_diffusers
 from .dydit import (DyDiTHandle, apply_dydit, dit_from_official, load_dydit, save_dydit,
                     use_official_timestep_embedding)
 from .registry import apply, apply_change_cache
-from .step_skip import StepSkipHandle, apply_adaptive_skip
+from .step_skip import StepSkipHandle, apply_adaptive_skip, apply_learned_forecast
 
 __all__ = ["CacheHandle", "StepSkipHandle", "apply", "apply_change_cache", "apply_deepcache", "apply_fora",
-           "apply_adaptive_skip", "apply_router", "remove_cache", "autotune_diffusers",
+           "apply_adaptive_skip", "apply_learned_forecast", "apply_router", "remove_cache", "autotune_diffusers",
            "DyDiTHandle", "apply_dydit", "dit_from_official", "load_dydit", "save_dydit",
            "use_official_timestep_embedding"]

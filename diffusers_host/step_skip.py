@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ..core.learned_forecast import LearnedForecast, load_learned_forecast
+from ..core.learned_forecast import LearnedForecast, LearnedSchedule, load_learned_forecast
 from ..core.lifecycle import RunLifecycle
 from ..core.methods.adaptive import AdaptiveConfig, AdaptivePolicy
 from ..core.session import CacheSession
@@ -110,3 +110,16 @@ def apply_adaptive_skip(target: Any, *, delta: float = 0.01, max_skip_steps: int
         learned_forecast = load_learned_forecast(learned_forecast)
     policy = AdaptivePolicy(config, learned=learned_forecast)
     return StepSkipHandle(model, config, scheduler, num_inference_steps, policy=policy)
+
+
+def apply_learned_forecast(target: Any, learned_forecast: Any, *, scheduler: Any = None,
+                           num_inference_steps: int | None = None) -> StepSkipHandle:
+    """Skip the steps a learned forecast file was trained to skip, and forecast them with its
+    corrections (core/learned_forecast.py): a fixed schedule (e.g. TaylorSeer's one step in N after
+    a warm-up), trained for one model, sampler and step count by scripts/scan_learned_forecast.py."""
+    model, scheduler = _resolve(target, scheduler)
+    if getattr(model, STEP_SKIP_ATTR, None) is not None:
+        raise ValueError("This model already has step skipping; call remove() on its handle first.")
+    if not isinstance(learned_forecast, LearnedForecast):
+        learned_forecast = load_learned_forecast(learned_forecast)
+    return StepSkipHandle(model, None, scheduler, num_inference_steps, policy=LearnedSchedule(learned_forecast))

@@ -64,12 +64,13 @@ def generate(model, method, interval, branch, class_name, seed, steps, cfg, imag
              start_percent=engine.Request.start_percent, rounds=engine.Request.rounds, reuse=engine.Request.reuse,
              threshold=engine.Request.threshold, dydit=engine.Request.dydit,
              dydit_width_start=engine.Request.dydit_width_start, max_skip_steps=engine.Request.max_skip_steps,
-             progress=gr.Progress()):
+             learned_forecast=engine.Request.learned_forecast, progress=gr.Progress()):
     request = engine.Request(model=model, method=method, interval=int(interval), branch=int(branch),
                              class_name=class_name, seed=int(seed), steps=int(steps), cfg=float(cfg),
                              images=int(images), delta=float(delta), start_percent=float(start_percent),
                              rounds=int(rounds), reuse=str(reuse), threshold=float(threshold), dydit=bool(dydit),
-                             dydit_width_start=float(dydit_width_start), max_skip_steps=int(max_skip_steps))
+                             dydit_width_start=float(dydit_width_start), max_skip_steps=int(max_skip_steps),
+                             learned_forecast=bool(learned_forecast))
 
     def on_progress(text, done, total):
         progress(done / total, desc=text)
@@ -216,6 +217,10 @@ def build() -> gr.Blocks:
                                           info="share of steps with every head and MLP group before DyDiT's width "
                                                "routers act (0: official DyDiT; 0.08 keeps the class accuracy)",
                                           scale=1)
+            learned_forecast = gr.Checkbox(value=engine.Request.learned_forecast, elem_id="learned-forecast",
+                                           label="Learned forecast (tiny DiT, AdaptiveDiffusion)", scale=2,
+                                           info="corrections trained for the DiT on top of forecast2; 25 steps, "
+                                                "best at delta 1.0 and max skip 1 (+2 dB on 288 images)")
         run = gr.Button("Generate", variant="primary", elem_id="generate")
         with gr.Row():
             # PNG, not the default WebP: lossless, so API users get the exact pixels.
@@ -273,7 +278,7 @@ def build() -> gr.Blocks:
         model.input(_methods_for, model, [method] + controls)
         method.change(_controls_for, method, controls)
         inputs = [model, method, interval, branch, class_name, seed, steps, cfg, images, delta, start_percent, rounds,
-                  reuse, threshold, dydit, dydit_width_start, max_skip]
+                  reuse, threshold, dydit, dydit_width_start, max_skip, learned_forecast]
         run.click(generate, inputs, [uncached, cached, difference, summary, heatmap, step_plot, block_plot, stats,
                                      download], api_name="generate", concurrency_id="sampling")
         # Tunes and runs share one queue: both patch and time the same loaded model.

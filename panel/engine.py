@@ -11,9 +11,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..core.learned_forecast import load_learned_forecast
 from ..core.methods import registry
 from ..diffusers_host import registry as host
-from ..tinymodels.bundled import WEIGHTS, dydit_paths, load, load_dydit
+from ..diffusers_host.step_skip import apply_adaptive_skip
+from ..tinymodels.bundled import DIT_FORECAST, WEIGHTS, dydit_paths, load, load_dydit
 from ..tinymodels.evaluate import to_uint8
 from ..core.quality import psnr
 from ..tinymodels.sampling import make_scheduler, sample
@@ -90,10 +92,15 @@ class Request:
     # routed) before the width routers act. 0 is the official DyDiT; 0.08 keeps the bundled
     # DyDiT's class accuracy at the dense DiT's (bench/results/dydit.md).
     dydit_width_start: float = 0.08
+    # AdaptiveDiffusion on the tiny DiT: corrections trained for it on top of forecast2
+    # (core/learned_forecast.py; 25 steps, best at delta 1.0 and max_skip_steps 1, the schedule
+    # they were trained on: bench/results/learned_forecast_dit.md).
+    learned_forecast: bool = False
 
     def settings(self) -> dict:
         """The chosen method's own settings, for summaries and the run's JSON."""
-        return {name: getattr(self, name) for name in SETTINGS[self.method]}
+        chosen = {name: getattr(self, name) for name in SETTINGS[self.method]}
+        return {**chosen, "learned_forecast": True} if self.learned_forecast else chosen
 
     def check(self) -> None:
         if self.model not in MODELS:
@@ -120,6 +127,20 @@ class Request:
                              "before its width routers act; 0 is the official DyDiT).")
         if self.dydit:
             check_dydit(self.model)
+        if self.learned_forecast:
+            self._check_learned_forecast()
+
+    def _check_learned_forecast(self) -> None:
+        if self.model != "dit" or self.method != "AdaptiveDiffusion" or self.dydit:
+            raise ValueError("The learned forecast was trained for AdaptiveDiffusion on the tiny DiT (dense, not "
+                             "DyDiT); choose those or turn the learned forecast off.")
+        if self.reuse != "forecast2":
+            raise ValueError(f"The learned forecast corrects reuse forecast2; set Reuse to forecast2 (it is "
+                             f"{self.reuse}).")
+        if not DIT_FORECAST.is_file():
+            raise FileNotFoundError(f"The bundled learned forecast {DIT_FORECAST.name} is missing; make it with "
+                                    "scripts/scan_learned_forecast.py --intervals 2 --save-dir tinymodels/weights.")
+        load_learned_forecast(DIT_FORECAST).check_steps(self.steps)
 
 
 @dataclass
@@ -234,6 +255,9 @@ def _apply(request: Request, network, scheduler):
         return _DyDiTStack(network, routers, scheduler,
                            lambda: host.apply(network, spec.key, scheduler=scheduler, **method_settings(request)),
                            width_start=request.dydit_width_start)
+    if request.learned_forecast:
+        return apply_adaptive_skip(network, scheduler=scheduler, learned_forecast=DIT_FORECAST,
+                                   **method_settings(request))
     return host.apply(network, spec.key, scheduler=scheduler, **method_settings(request))
 
 

@@ -125,3 +125,29 @@ def test_the_bundled_dit_forecast_beats_the_taylor_rule_on_the_bench_images():
     learned, _ = _adaptive_images(base, labels, 25, learned_forecast=BUNDLED_FORECAST)
     taylor, _ = _adaptive_images(base, labels, 25)
     assert psnr(reference, learned) > psnr(reference, taylor) + 0.5
+
+
+def test_apply_learned_forecast_runs_the_files_own_schedule(tmp_path):
+    # At N=3 TaylorSeer's schedule (one skip after the warm-up) is not one AdaptiveDiffusion makes;
+    # apply_learned_forecast follows the file's schedule and gives the trained images.
+    from cachekit import apply_learned_forecast
+    base, labels = load("dit"), torch.arange(2)
+    skipper = ForecastSkipper(base, skip_pattern(3, steps=STEPS))
+    with torch.no_grad():
+        skipper.corrections.normal_(0, 0.02)
+        trained = sample(skipper, labels, steps=STEPS, cfg=3.0, seed=0, scheduler=make_scheduler(STEPS))
+    path = save_learned_forecast(skipper.forecast, tmp_path / "n3.safetensors")
+    d, scheduler = _copy(base), make_scheduler(STEPS)
+    handle = apply_learned_forecast(d.network, path, scheduler=scheduler)
+    ours = sample(d, labels, steps=STEPS, cfg=3.0, seed=0, scheduler=scheduler)
+    telemetry = handle.finish_run()
+    torch.testing.assert_close(ours, trained, rtol=0, atol=1e-5)
+    assert telemetry.skipped_steps == [s for s, c in enumerate(skip_pattern(3, steps=STEPS)) if c == "S"]
+    with pytest.raises(ValueError, match="already has step skipping"):
+        apply_learned_forecast(d.network, path)
+    handle.remove()
+    d2 = _copy(base)
+    handle = apply_learned_forecast(d2.network, path, scheduler=make_scheduler(8))
+    with pytest.raises(ValueError, match="trained for 12 steps; the run has 8"):
+        sample(d2, labels, steps=8, cfg=3.0, seed=0, scheduler=make_scheduler(8))
+    handle.remove()

@@ -233,6 +233,23 @@ def test_adaptive_step_skipping_runs_in_the_panel_engine():
         engine.run(engine.Request("unet", "AdaptiveDiffusion", max_skip_steps=0))
 
 
+def test_the_learned_forecast_runs_in_the_panel_engine_and_is_refused_where_it_does_not_fit():
+    base = dict(model="dit", method="AdaptiveDiffusion", class_name="circle", steps=25, images=1, delta=1.0,
+                max_skip_steps=1, reuse="forecast2")
+    plain = engine.run(engine.Request(**base), progress=False)
+    learned = engine.run(engine.Request(**base, learned_forecast=True), progress=False)
+    # The same steps skip; the skipped steps' predictions differ, so the images do.
+    assert learned.telemetry["skipped_steps"] == plain.telemetry["skipped_steps"] == list(range(4, 25, 2))
+    assert not np.array_equal(learned.cached, plain.cached)
+    assert engine.Request(**base, learned_forecast=True).settings()["learned_forecast"] is True
+    for change, message in (({"model": "unet"}, "trained for AdaptiveDiffusion on the tiny DiT"),
+                            ({"dydit": True}, "trained for AdaptiveDiffusion on the tiny DiT"),
+                            ({"reuse": "hold"}, "set Reuse to forecast2"),
+                            ({"steps": 20}, "trained for 25 steps; the run has 20")):
+        with pytest.raises(ValueError, match=message):
+            engine.run(engine.Request(**{**base, **change}, learned_forecast=True), progress=False)
+
+
 def test_fora_in_the_panel_engine_computes_the_first_share_of_steps_in_full():
     def step_hits(start):
         return engine.run(engine.Request("dit", "FORA", interval=2, class_name="ring", steps=10, images=1,

@@ -11,6 +11,9 @@ from .classifier import ShapeClassifier
 
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 KINDS = ("dit", "unet")
+# Corrections to the skipped-step forecast trained for the bundled DiT (core/learned_forecast.py):
+# 25 DDIM steps, every other step skipped after 4 (scripts/scan_learned_forecast.py --save-dir).
+DIT_FORECAST = WEIGHTS / "dit_forecast_n2_25.safetensors"
 
 
 def weights_path(kind: str) -> Path:
