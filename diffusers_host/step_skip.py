@@ -108,6 +108,8 @@ def apply_adaptive_skip(target: Any, *, delta: float = 0.01, max_skip_steps: int
     config = AdaptiveConfig(delta, max_skip_steps, official_cap, reuse, warmup_steps)
     if learned_forecast is not None and not isinstance(learned_forecast, LearnedForecast):
         learned_forecast = load_learned_forecast(learned_forecast)
+    if learned_forecast is not None and num_inference_steps is not None:
+        learned_forecast.check_steps(num_inference_steps)       # now, not at the first model call
     policy = AdaptivePolicy(config, learned=learned_forecast)
     return StepSkipHandle(model, config, scheduler, num_inference_steps, policy=policy)
 
@@ -122,4 +124,6 @@ def apply_learned_forecast(target: Any, learned_forecast: Any, *, scheduler: Any
         raise ValueError("This model already has step skipping; call remove() on its handle first.")
     if not isinstance(learned_forecast, LearnedForecast):
         learned_forecast = load_learned_forecast(learned_forecast)
+    if num_inference_steps is not None:
+        learned_forecast.check_steps(num_inference_steps)       # now, not at the first model call
     return StepSkipHandle(model, None, scheduler, num_inference_steps, policy=LearnedSchedule(learned_forecast))

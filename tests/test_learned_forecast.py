@@ -115,6 +115,8 @@ def test_bad_forecast_files_and_settings_are_refused_with_the_fix(tmp_path):
         apply_adaptive_skip(_copy(base).network, reuse="hold", learned_forecast=path)
     with pytest.raises(ValueError, match="trained for 12 steps; the run has 8"):
         _adaptive_images(base, torch.arange(1), 8, learned_forecast=path)
+    with pytest.raises(ValueError, match="trained for 12 steps; the run has 30"):      # known up front
+        apply_adaptive_skip(_copy(base).network, reuse="forecast2", learned_forecast=path, num_inference_steps=30)
 
 
 def test_the_bundled_dit_forecast_beats_the_taylor_rule_on_the_bench_images():
@@ -147,6 +149,8 @@ def test_apply_learned_forecast_runs_the_files_own_schedule(tmp_path):
         apply_learned_forecast(d.network, path)
     handle.remove()
     d2 = _copy(base)
+    with pytest.raises(ValueError, match="trained for 12 steps; the run has 8"):
+        apply_learned_forecast(d2.network, path, num_inference_steps=8)
     handle = apply_learned_forecast(d2.network, path, scheduler=make_scheduler(8))
     with pytest.raises(ValueError, match="trained for 12 steps; the run has 8"):
         sample(d2, labels, steps=8, cfg=3.0, seed=0, scheduler=make_scheduler(8))
