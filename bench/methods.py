@@ -184,16 +184,11 @@ def cachekit_dydit(partner: str | None = None, width_start: float = 0.0, **setti
                   unavailable=_dydit_missing())
 
 
-BUNDLED_FORECAST = DIT_FORECAST
-
-
-def cachekit_learned_forecast(path: Path = BUNDLED_FORECAST) -> Method:
+def cachekit_learned_forecast(forecast, name: str) -> Method:
     """AdaptiveDiffusion every other step (delta 1.0, max_skip 1) with corrections trained for the
     bundled DiT on top of forecast2 (core/learned_forecast.py; made by scripts/scan_learned_forecast.py
-    --save-dir). Read now, so a bad file fails before any run."""
-    from ..core.learned_forecast import load_learned_forecast
+    --save-dir); `name`: the file's stem, for the row's setting."""
     from ..diffusers_host.step_skip import apply_adaptive_skip
-    forecast = load_learned_forecast(path)
     warmup = forecast.schedule.index("S")
 
     def install(denoiser, scheduler, steps):
@@ -201,34 +196,34 @@ def cachekit_learned_forecast(path: Path = BUNDLED_FORECAST) -> Method:
         handle = apply_adaptive_skip(d.network, delta=1.0, max_skip_steps=1, reuse="forecast2", warmup_steps=warmup,
                                      scheduler=scheduler, learned_forecast=forecast)
         return Setup(d, finish=handle.finish_run)
-    return Method("AdaptiveDiffusion", f"delta=1.0 max_skip=1 reuse=forecast2 learned={Path(path).stem}", CACHEKIT,
+    return Method("AdaptiveDiffusion", f"delta=1.0 max_skip=1 reuse=forecast2 learned={name}", CACHEKIT,
                   ("dit",), install, "adaptive", {"delta": 1.0, "max_skip_steps": 1, "reuse": "forecast2"})
 
 
-def cachekit_learned_schedule(path: Path) -> Method:
-    """A learned forecast file's own fixed schedule (cachekit.apply_learned_forecast), e.g. TaylorSeer
+def cachekit_learned_schedule(forecast, name: str) -> Method:
+    """A learned forecast's own fixed schedule (cachekit.apply_learned_forecast), e.g. TaylorSeer
     lite's one step in 3 after the warm-up, which AdaptiveDiffusion's decisions do not reproduce."""
-    from ..core.learned_forecast import load_learned_forecast
     from ..diffusers_host.step_skip import apply_learned_forecast
-    forecast = load_learned_forecast(path)
 
     def install(denoiser, scheduler, steps):
         d = _copy(denoiser)
         return Setup(d, finish=apply_learned_forecast(d.network, forecast, scheduler=scheduler).finish_run)
-    return Method("Learned forecast", f"file={Path(path).stem}", CACHEKIT, ("dit",), install, "learned_forecast",
-                  {"file": Path(path).name})
+    return Method("Learned forecast", f"file={name}", CACHEKIT, ("dit",), install, "learned_forecast",
+                  {"file": name + ".safetensors"})
 
 
 def learned_forecast_methods(steps: int) -> list[Method]:
     """Rows of the bundled learned forecasts trained for `steps` steps (not registry settings: they
-    need their files): every other step through AdaptiveDiffusion, other schedules as trained."""
+    need their files; each file is read once, here, so a bad one fails before any run): every other
+    step through AdaptiveDiffusion, other schedules as trained."""
     from ..core.learned_forecast import load_learned_forecast
-    files = sorted(DIT_FORECAST.parent.glob(f"dit_forecast_n*_{steps}.safetensors"))
     rows = []
-    for path in files:
-        if load_learned_forecast(path).num_steps != steps:
+    for path in sorted(DIT_FORECAST.parent.glob(f"dit_forecast_n*_{steps}.safetensors")):
+        forecast = load_learned_forecast(path)
+        if forecast.num_steps != steps:
             continue
-        rows.append(cachekit_learned_forecast(path) if path == DIT_FORECAST else cachekit_learned_schedule(path))
+        make = cachekit_learned_forecast if path == DIT_FORECAST else cachekit_learned_schedule
+        rows.append(make(forecast, path.stem))
     return rows
 
 

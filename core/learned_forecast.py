@@ -26,9 +26,11 @@ from typing import Any, ClassVar
 import torch
 
 from .reuse import Forecast
+from .routers.sniff import read_sidecar
 from .streams import Tree, tree_map
 
 FORMAT, VERSION = "cachekit-learned-forecast", "1"
+_MAKE_ONE = "make one with scripts/scan_learned_forecast.py --save-dir"
 _TAYLOR = Forecast(2)
 
 
@@ -115,26 +117,19 @@ def save_learned_forecast(forecast: LearnedForecast, path: str | Path) -> Path:
 
 def load_learned_forecast(path: str | Path) -> LearnedForecast:
     """Load our safetensors format; anything else is refused with a ValueError naming the file."""
-    from safetensors import safe_open
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"learned forecast file not found: {path}")
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta, keys = f.metadata() or {}, set(f.keys())
-            corrections = f.get_tensor("corrections") if keys == {"corrections"} else None
-    except Exception as error:      # safetensors reads without running code: a failure means a damaged file
-        raise ValueError(f"{path.name} is not a readable safetensors file ({' '.join(str(error).split())[:160]})"
-                         ) from error
-    if meta.get("format") != FORMAT or corrections is None:
+    meta, tensors = read_sidecar(path, ValueError, "CacheKit learned forecast", _MAKE_ONE)
+    if meta.get("format") != FORMAT or set(tensors) != {"corrections"}:
         raise ValueError(f"{path.name} is not a CacheKit learned forecast (metadata format={meta.get('format')!r}, "
-                         f"tensors {sorted(keys)}); make one with scripts/scan_learned_forecast.py --save")
+                         f"tensors {sorted(tensors)}); {_MAKE_ONE}")
     if meta.get("version") != VERSION:
         raise ValueError(f"{path.name}: learned forecast version {meta.get('version')!r} is not supported "
                          f"(need {VERSION})")
     try:
-        return LearnedForecast(meta["schedule"], corrections, int(meta["history"]), meta["uses_latent"] == "true",
-                               meta.get("model", ""), meta.get("source", ""))
+        return LearnedForecast(meta["schedule"], tensors["corrections"], int(meta["history"]),
+                               meta["uses_latent"] == "true", meta.get("model", ""), meta.get("source", ""))
     except (KeyError, ValueError) as error:
         raise ValueError(f"{path.name}: learned forecast metadata is incomplete or malformed ({error})") from error
 

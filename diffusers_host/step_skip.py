@@ -106,10 +106,8 @@ def apply_adaptive_skip(target: Any, *, delta: float = 0.01, max_skip_steps: int
     if getattr(model, STEP_SKIP_ATTR, None) is not None:
         raise ValueError("This model already has adaptive step skipping; call remove() on its handle first.")
     config = AdaptiveConfig(delta, max_skip_steps, official_cap, reuse, warmup_steps)
-    if learned_forecast is not None and not isinstance(learned_forecast, LearnedForecast):
-        learned_forecast = load_learned_forecast(learned_forecast)
-    if learned_forecast is not None and num_inference_steps is not None:
-        learned_forecast.check_steps(num_inference_steps)       # now, not at the first model call
+    if learned_forecast is not None:
+        learned_forecast = _learned_forecast(learned_forecast, num_inference_steps)
     policy = AdaptivePolicy(config, learned=learned_forecast)
     return StepSkipHandle(model, config, scheduler, num_inference_steps, policy=policy)
 
@@ -122,8 +120,14 @@ def apply_learned_forecast(target: Any, learned_forecast: Any, *, scheduler: Any
     model, scheduler = _resolve(target, scheduler)
     if getattr(model, STEP_SKIP_ATTR, None) is not None:
         raise ValueError("This model already has step skipping; call remove() on its handle first.")
-    if not isinstance(learned_forecast, LearnedForecast):
-        learned_forecast = load_learned_forecast(learned_forecast)
+    policy = LearnedSchedule(_learned_forecast(learned_forecast, num_inference_steps))
+    return StepSkipHandle(model, None, scheduler, num_inference_steps, policy=policy)
+
+
+def _learned_forecast(value: Any, num_inference_steps: int | None) -> LearnedForecast:
+    """A LearnedForecast, or one loaded from a file; a step count known now is checked now, not at
+    the first model call."""
+    forecast = value if isinstance(value, LearnedForecast) else load_learned_forecast(value)
     if num_inference_steps is not None:
-        learned_forecast.check_steps(num_inference_steps)       # now, not at the first model call
-    return StepSkipHandle(model, None, scheduler, num_inference_steps, policy=LearnedSchedule(learned_forecast))
+        forecast.check_steps(num_inference_steps)
+    return forecast

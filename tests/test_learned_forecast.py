@@ -7,11 +7,11 @@ import torch
 
 from cachekit.bench import harness
 from cachekit.bench.learned_forecast import ForecastSkipper, _batches, skip_pattern, train
-from cachekit.bench.methods import BUNDLED_FORECAST, _copy, cachekit_method, diffusers_taylorseer_lite
+from cachekit.bench.methods import _copy, cachekit_method, diffusers_taylorseer_lite
 from cachekit.core.learned_forecast import LearnedForecast, load_learned_forecast, save_learned_forecast
 from cachekit.core.quality import psnr
 from cachekit.diffusers_host.step_skip import apply_adaptive_skip
-from cachekit.tinymodels.bundled import load
+from cachekit.tinymodels.bundled import DIT_FORECAST, load
 from cachekit.tinymodels.sampling import make_scheduler, sample
 from cachekit.tinymodels.shapes import NUM_CLASSES
 
@@ -103,8 +103,11 @@ def test_bad_forecast_files_and_settings_are_refused_with_the_fix(tmp_path):
     with pytest.raises(ValueError, match="not a CacheKit learned forecast"):
         load_learned_forecast(tmp_path / "router.safetensors")
     (tmp_path / "text.safetensors").write_text("hello")
-    with pytest.raises(ValueError, match="not a readable safetensors"):
+    with pytest.raises(ValueError, match="text.safetensors is a text file"):
         load_learned_forecast(tmp_path / "text.safetensors")
+    (tmp_path / "damaged.safetensors").write_bytes((tmp_path / "router.safetensors").read_bytes()[:40])
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        load_learned_forecast(tmp_path / "damaged.safetensors")
     with pytest.raises(ValueError, match="schedule"):
         LearnedForecast("SFF", torch.zeros(1, 4, 3))
     with pytest.raises(ValueError, match="shaped"):
@@ -120,11 +123,11 @@ def test_bad_forecast_files_and_settings_are_refused_with_the_fix(tmp_path):
 
 
 def test_the_bundled_dit_forecast_beats_the_taylor_rule_on_the_bench_images():
-    forecast = load_learned_forecast(BUNDLED_FORECAST)
+    forecast = load_learned_forecast(DIT_FORECAST)
     assert forecast.schedule == skip_pattern(2) and forecast.corrections.abs().sum() > 0
     base, labels = load("dit"), torch.arange(12) % NUM_CLASSES
     reference = sample(base, labels, steps=25, cfg=3.0, seed=0, scheduler=make_scheduler(25))
-    learned, _ = _adaptive_images(base, labels, 25, learned_forecast=BUNDLED_FORECAST)
+    learned, _ = _adaptive_images(base, labels, 25, learned_forecast=DIT_FORECAST)
     taylor, _ = _adaptive_images(base, labels, 25)
     assert psnr(reference, learned) > psnr(reference, taylor) + 0.5
 
